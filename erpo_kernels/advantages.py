@@ -1,0 +1,202 @@
+"""Token advantage synthesis (ERPO_SPEC.md (i)-(iii)), vectorized torch, and dispatch to the kernel.
+
+Same results as :func:`erpo_kernels.reference.token_advantages` (which loops over groups and
+buckets for readability); here every per-cell statistic is one ``scatter_add`` over the tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from erpo_kernels import reference
+from erpo_kernels.backends import resolve_backend_name
+from erpo_kernels.config import ERPOConfig
+
+Tensor = torch.Tensor
+
+
+class Advantages(NamedTuple):
+    """Outputs of :func:`erpo_advantages`; every tensor is detached.
+
+    advantages [B, T]: A[i, t];  gate [B, T]: W;  seq_advantage [B]: A_seq;  bucket [B, T]: b;
+    signal [B, T]: s_tilde (bucket-normalized progress signal);  zero_var [B]: the row's group has
+    all rewards equal.
+    """
+    advantages: Tensor
+    gate: Tensor
+    seq_advantage: Tensor
+    bucket: Tensor
+    signal: Tensor
+    zero_var: Tensor
+
+
+def segment_mean_std(values: Tensor, cells: Tensor, valid: Tensor, num_cells: int
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-element mean, population std and count of its cell, over the ``valid`` elements.
+
+    values, cells (int64 in [0, num_cells)), valid (bool): same shape.  Two passes (mean, then
+    squared deviations) so the variance never suffers the E[x^2] - E[x]^2 cancellation.
+    """
+    flat_values, flat_cells = values.reshape(-1), cells.reshape(-1)
+    weights = valid.reshape(-1).to(values.dtype)
+    count = torch.zeros(num_cells, dtype=values.dtype, device=values.device).index_add_(0, flat_cells, weights)
+    total = torch.zeros_like(count).index_add_(0, flat_cells, flat_values * weights)
+    mean = total / count.clamp_min(1.0)
+    deviation = (flat_values - mean[flat_cells]) * weights
+    var = torch.zeros_like(count).index_add_(0, flat_cells, deviation * deviation) / count.clamp_min(1.0)
+    shape = values.shape
+    return mean[flat_cells].reshape(shape), var.sqrt()[flat_cells].reshape(shape), count[flat_cells].reshape(shape)
+
+
+def dense_group_index(group_ids: Tensor) -> Tuple[Tensor, int]:
+    """Map arbitrary group ids [B] to 0..G-1, and G."""
+    unique, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, unique.numel()
+
+
+def _gate_cells(group_index: Tensor, num_groups: int, shape, scope: str) -> Tuple[Tensor, int]:
+    B, T = shape
+    if scope == "group":
+        return group_index[:, None].expand(B, T), num_groups
+    if scope == "batch":
+        return torch.zeros(B, T, dtype=torch.long, device=group_index.device), 1
+    return torch.arange(B, device=group_index.device)[:, None].expand(B, T), B
+
+
+def _topk_gate(entropy: Tensor, mask: Tensor, cells: Tensor, num_cells: int, frac: float) -> Tensor:
+    """Hard gate: 1 where entropy >= the k-th largest of its cell (k = ceil(frac * n_cell)).
+
+    A segmented sort (by entropy descending, then stably by cell) finds every cell's threshold at
+    once; no torch.quantile (it fails past 2^24 elements).
+    """
+    flat_h, flat_cells, flat_mask = entropy.reshape(-1), cells.reshape(-1), mask.reshape(-1)
+    h = flat_h[flat_mask]
+    c = flat_cells[flat_mask]
+    if h.numel() == 0:
+        return torch.zeros_like(entropy)
+    order = torch.sort(h, descending=True, stable=True).indices
+    order = order[torch.sort(c[order], stable=True).indices]
+    sorted_h = h[order]
+    count = torch.bincount(c, minlength=num_cells)
+    start = torch.cumsum(count, 0) - count
+    k = torch.ceil(count.to(torch.float64) * frac).long().clamp_min(1)
+    present = count > 0
+    threshold = torch.full((num_cells,), float("inf"), dtype=entropy.dtype, device=entropy.device)
+    threshold[present] = sorted_h[(start + k - 1)[present]]
+    return ((flat_h >= threshold[flat_cells]) & flat_mask).to(entropy.dtype).reshape(entropy.shape)
+
+
+def entropy_gate(entropy: Tensor, mask: Tensor, group_index: Tensor, num_groups: int,
+                 config: ERPOConfig) -> Tensor:
+    """W [B, T]: see :func:`erpo_kernels.reference.entropy_gate`."""
+    if config.gate == "none":
+        return mask.to(entropy.dtype)
+    cells, num_cells = _gate_cells(group_index, num_groups, mask.shape, config.gate_scope)
+    if config.gate == "sigmoid":
+        mu, sigma, _ = segment_mean_std(entropy, cells, mask, num_cells)
+        z = torch.where(sigma > config.eps, (entropy - mu) / (sigma + config.eps), torch.zeros_like(entropy))
+        gate = torch.sigmoid(config.gate_gamma * z) * mask
+    else:
+        gate = _topk_gate(entropy, mask, cells, num_cells, config.gate_top_frac)
+    if config.gate_normalize:
+        m = mask.to(entropy.dtype)
+        seq_mean = (gate * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)
+        gate = torch.where(seq_mean > config.eps, gate / seq_mean.clamp_min(config.eps), gate)
+    return gate
+
+
+def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entropy: Tensor,
+                     old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], config: ERPOConfig,
+                     token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None) -> Advantages:
+    """Vectorized twin of :func:`erpo_kernels.reference.token_advantages` (same arguments)."""
+    mask = mask.bool()
+    dtype = old_entropy.dtype
+    rewards = rewards.to(dtype)
+    group_index, num_groups = dense_group_index(group_ids)
+    every_row = torch.ones_like(rewards, dtype=torch.bool)
+    r_mean, r_std, _ = segment_mean_std(rewards, group_index, every_row, num_groups)
+    r_max = torch.full((num_groups,), -math.inf, dtype=dtype, device=rewards.device).scatter_reduce(
+        0, group_index, rewards, "amax")
+    r_min = torch.full((num_groups,), math.inf, dtype=dtype, device=rewards.device).scatter_reduce(
+        0, group_index, rewards, "amin")
+    zero_var = (r_max == r_min)[group_index]
+    seq_adv = rewards - r_mean
+    if config.std_normalize:
+        seq_adv = seq_adv / (r_std + config.eps)
+    seq_adv = torch.where(zero_var, torch.zeros_like(seq_adv), seq_adv)
+
+    gate = gates.to(dtype) * mask if gates is not None else entropy_gate(
+        old_entropy, mask, group_index, num_groups, config)
+    adv = gate * seq_adv[:, None]
+    bucket = reference.bucket_index(mask, old_entropy, config)
+    signal = torch.zeros_like(old_entropy)
+    if config.progress_term and old_logprobs is not None and ref_logprobs is not None:
+        raw = config.progress_lambda * (old_logprobs.to(dtype) - ref_logprobs.to(dtype))
+        if config.bucket_normalize:
+            cells = group_index[:, None] * config.num_buckets + bucket
+            mu, sigma, count = segment_mean_std(raw, cells, mask, num_groups * config.num_buckets)
+            usable = mask & (count >= 2) & (sigma > config.eps)
+            signal = torch.where(usable, (raw - mu) / (sigma + config.eps), torch.zeros_like(raw))
+        else:
+            signal = raw * mask
+        direction = torch.sign(seq_adv)
+        if config.polarity == "ep_grpo":
+            direction = torch.where(zero_var, torch.sign(rewards - config.reward_threshold), direction)
+        progress = config.progress_eta * gate * direction[:, None] * signal
+        if config.progress_cap_kappa is not None:
+            cap = adv.abs() / config.progress_cap_kappa
+            progress = torch.maximum(torch.minimum(progress, cap), -cap)
+        adv = adv + progress
+    adv = adv * mask
+    if token_weights is not None:
+        adv = adv * token_weights.to(dtype)
+    return Advantages(adv.detach(), gate.detach(), seq_adv.detach(), bucket, signal.detach(), zero_var)
+
+
+def compute_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entropy: Tensor,
+                       old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], config: ERPOConfig,
+                       token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None,
+                       backend: str = "auto") -> Advantages:
+    """Dispatch the (already validated) advantage synthesis to a backend."""
+    name = resolve_backend_name(backend, old_entropy.device)
+    args = (rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config, token_weights, gates)
+    if name == "torch":
+        out = reference.token_advantages(*args)
+        return Advantages(out["advantages"], out["gate"], out["seq_advantage"], out["bucket"], out["signal"],
+                          out["zero_var"])
+    if name == "triton":
+        from erpo_kernels.ops.buckets import token_advantages_triton
+        return token_advantages_triton(*args)
+    return token_advantages(*args)
+
+
+def erpo_advantages(rewards, mask: Tensor, old_entropy: Tensor, old_logprobs: Optional[Tensor] = None,
+                    ref_logprobs: Optional[Tensor] = None, *, group_size: Optional[int] = None,
+                    group_ids: Optional[Tensor] = None, config: Optional[ERPOConfig] = None,
+                    token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None,
+                    backend: str = "auto") -> Advantages:
+    """Token advantages alone, for trainers that already have log-probs and entropy.
+
+    rewards [B]; mask [B, T] completion mask; old_entropy [B, T] (entropy of the sampling policy);
+    old_logprobs / ref_logprobs [B, T] (both needed for the progress term); one of group_size
+    (consecutive rows) or group_ids [B]; gates [B, T] replaces the entropy gate W; token_weights
+    [B, T] multiplies A.  Returns :class:`Advantages` (detached tensors).
+    """
+    from erpo_kernels import validation as v
+    config = config or ERPOConfig()
+    v.check_float("old_entropy", old_entropy, ndim=2)
+    shape, device = tuple(old_entropy.shape), old_entropy.device
+    mask = v.check_mask(mask, shape, device)
+    if not bool(mask.any()):
+        v.fail("mask", mask, "at least one completion token in the batch")
+    rewards = v.check_rewards(rewards, shape[0], device)
+    group_ids = v.resolve_groups(shape[0], device, group_size, group_ids)
+    v.check_token_tensor("old_entropy", old_entropy, shape, device, mask, min_value=-v.LOGPROB_TOLERANCE)
+    v.check_token_tensor("old_logprobs", old_logprobs, shape, device, mask, max_value=v.LOGPROB_TOLERANCE)
+    v.check_token_tensor("ref_logprobs", ref_logprobs, shape, device, mask, max_value=v.LOGPROB_TOLERANCE)
+    v.check_token_tensor("token_weights", token_weights, shape, device, mask)
+    v.check_token_tensor("gates", gates, shape, device, mask, min_value=0.0)
+    return compute_advantages(rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config,
+                              token_weights, gates, backend)

@@ -1,0 +1,63 @@
+"""Backend resolution, in one place.
+
+A backend is a module exposing ``linear_stats`` and ``linear_stats_backward`` with the signatures
+of :mod:`erpo_kernels.backends.torch_chunked` (and, optionally, ``advantages`` / ``surrogate``
+entry points).  Names:
+
+- ``"torch"``: the reference path, full [N, V] logits (for tests and tiny shapes only)
+- ``"chunked"``: pure torch, [chunk, V] logits at a time; the CPU default
+- ``"triton"``: Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``)
+- ``"native"``: the optional compiled extension of ``csrc/``
+- ``"auto"``: ``"triton"`` for CUDA tensors when Triton imports, else ``"chunked"``
+
+Importing this package never imports Triton; a backend is imported the first time it is asked for.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "chunked", "triton", "native")
+_MODULES = {
+    "torch": "erpo_kernels.backends.torch_full",
+    "chunked": "erpo_kernels.backends.torch_chunked",
+    "triton": "erpo_kernels.backends.triton",
+    "native": "erpo_kernels.backends.native",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install: either way, not usable
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """Map ``name`` (possibly "auto") to a concrete backend for tensors on ``device``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: got {name!r}, expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "chunked"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton': Triton is not importable here; install triton or use "
+                             "backend='chunked'")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(f"backend='triton': tensors are on {device}, expected CUDA tensors "
+                             "(or set TRITON_INTERPRET=1 to run the kernels on the CPU)")
+    return name
+
+
+def get_backend(name: str, device: torch.device):
+    """The backend module for ``name`` on ``device`` (resolving "auto")."""
+    return importlib.import_module(_MODULES[resolve_backend_name(name, device)])

@@ -1,0 +1,104 @@
+"""Pure-torch chunked backend: [chunk, V] logits at a time, never [N, V].
+
+The CPU default, and the fallback everywhere.  Every backend module exposes the same two functions
+(``linear_stats`` and ``linear_stats_backward``) with these signatures.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
+    """Logits z = (h W^T + b) / temperature for one token chunk, [n, V], in fp32 (fp64 for fp64 inputs)."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.to(compute_dtype(hidden)) / temperature
+
+
+def compute_dtype(hidden: Tensor) -> torch.dtype:
+    """Statistics are fp32 for bf16/fp16/fp32 inputs and fp64 for fp64 inputs."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
+                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: int = 1024
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-token log-prob of the target, entropy and logsumexp, each [N] in ``compute_dtype(hidden)``.
+
+    torch: ``z = (hidden @ weight.T + bias) / temperature; lse = z.logsumexp(-1);``
+    ``logprobs = z[n, targets] - lse`` (0 where ``targets == ignore_index``);
+    ``entropy = lse - (softmax(z) * z).sum(-1)``.
+    """
+    n_tokens = hidden.shape[0]
+    logprobs = hidden.new_empty(n_tokens, dtype=compute_dtype(hidden))
+    entropy = torch.empty_like(logprobs)
+    lse = torch.empty_like(logprobs)
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        z = _chunk_logits(hidden[start:stop], weight, bias, temperature)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        probs = torch.exp(z - chunk_lse[:, None])
+        lse[start:stop] = chunk_lse
+        # sum p*z with p = 0 terms contributing exactly 0 (z may be -inf only via bias; guard anyway)
+        entropy[start:stop] = chunk_lse - torch.where(probs > 0, probs * z, 0.0).sum(-1)
+        tgt = targets[start:stop]
+        valid = tgt != ignore_index
+        picked = z.gather(1, torch.where(valid, tgt, 0)[:, None]).squeeze(1)
+        logprobs[start:stop] = torch.where(valid, picked - chunk_lse, 0.0)
+        del z, probs
+    return logprobs, entropy, lse
+
+
+def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                          lse: Tensor, entropy: Tensor, grad_logprobs: Optional[Tensor],
+                          grad_entropy: Optional[Tensor], *, temperature: float = 1.0,
+                          ignore_index: int = -100, chunk_size: int = 1024,
+                          needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)
+                          ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``sum(grad_logprobs * logprobs + grad_entropy * entropy)``.
+
+    With z the fp32 logits of one chunk and p = exp(z - lse):
+    ``dz = g_lp * (onehot(y) - p) - g_H * p * (z - lse + H)``  (ERPO_SPEC.md, "Gradient of the fused part")
+    ``grad_hidden = dz @ W / T``, ``grad_weight = dz.T @ h / T``, ``grad_bias = dz.sum(0) / T``.
+    Accumulates grad_weight / grad_bias in fp32 and casts once at the end.
+    """
+    n_tokens = hidden.shape[0]
+    want_h, want_w, want_b = needs_input_grad
+    want_b = want_b and bias is not None
+    grad_hidden = torch.empty_like(hidden) if want_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype(hidden), device=weight.device) if want_w else None
+    grad_bias = torch.zeros(bias.shape, dtype=compute_dtype(hidden), device=bias.device) if want_b else None
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        h = hidden[start:stop]
+        z = _chunk_logits(h, weight, bias, temperature)
+        chunk_lse = lse[start:stop, None]
+        probs = torch.exp(z - chunk_lse)
+        dz = torch.zeros_like(z)
+        if grad_entropy is not None:
+            g_ent = grad_entropy[start:stop, None].to(dz.dtype)
+            dz -= g_ent * torch.where(probs > 0, probs * (z - chunk_lse + entropy[start:stop, None]), 0.0)
+        if grad_logprobs is not None:
+            tgt = targets[start:stop]
+            valid = tgt != ignore_index
+            g_lp = torch.where(valid, grad_logprobs[start:stop].to(dz.dtype), 0.0)
+            dz -= g_lp[:, None] * probs
+            dz.scatter_add_(1, torch.where(valid, tgt, 0)[:, None], g_lp[:, None])
+        dz /= temperature
+        del z, probs
+        if want_h:
+            grad_hidden[start:stop] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+        if want_w:
+            grad_weight += dz.t() @ h.to(dz.dtype)
+        if want_b:
+            grad_bias += dz.sum(0)
+    if want_w:
+        grad_weight = grad_weight.to(weight.dtype)
+    if want_b:
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,92 @@
+"""Per-token log-prob and entropy from hidden states: the autograd Function and ``token_stats``.
+
+``LinearTokenStats`` is a true two-output Function: its backward takes upstream gradients for
+both the log-probs and the entropy (either may be absent) and returns grads for hidden, weight
+and bias, recomputing logits chunk by chunk (or tile by tile) instead of saving them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from erpo_kernels.backends import get_backend
+from erpo_kernels.validation import check_linear_inputs, unpack_lm_head
+
+Tensor = torch.Tensor
+
+
+class TokenStats(NamedTuple):
+    """logprobs, entropy, lse: each shaped like ``targets``; fp32 (fp64 for fp64 inputs)."""
+    logprobs: Tensor
+    entropy: Tensor
+    lse: Tensor
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """Everything the Function needs besides tensors: one argument, so backward returns a short tuple."""
+    backend: object            # a backend module (erpo_kernels.backends.*)
+    temperature: float = 1.0
+    ignore_index: int = -100
+    chunk_size: int = 1024
+
+
+class LinearTokenStats(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logprobs, entropy, lse) [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options: StatsOptions):
+        logprobs, entropy, lse = options.backend.linear_stats(
+            hidden, weight, bias, targets, temperature=options.temperature,
+            ignore_index=options.ignore_index, chunk_size=options.chunk_size)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.options = options
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)   # an unused output gets None, and its term is skipped
+        return logprobs, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        options = ctx.options
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None, None
+        grad_hidden, grad_weight, grad_bias = options.backend.linear_stats_backward(
+            hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+            temperature=options.temperature, ignore_index=options.ignore_index,
+            chunk_size=options.chunk_size, needs_input_grad=tuple(ctx.needs_input_grad[:3]))
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                       options: StatsOptions) -> TokenStats:
+    """Run the Function on validated inputs of any leading shape; outputs shaped like ``targets``."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    if not flat_hidden.is_contiguous():
+        flat_hidden = flat_hidden.contiguous()
+    logprobs, entropy, lse = LinearTokenStats.apply(flat_hidden, weight, bias, flat_targets, options)
+    shape = targets.shape
+    return TokenStats(logprobs.view(shape), entropy.view(shape), lse.view(shape))
+
+
+def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1.0, *,
+                bias: Optional[Tensor] = None, ignore_index: int = -100, backend: str = "auto",
+                chunk_size: int = 1024) -> TokenStats:
+    """Per-token log-prob of ``targets``, entropy and logsumexp of softmax((hidden @ W.T + b) / temperature).
+
+    hidden [B, T, H] or [N, H]; lm_head an nn.Linear or its weight [V, H]; targets [B, T] / [N] ids
+    (``ignore_index`` gives logprob 0).  Never builds [N, V] logits (except backend="torch").
+    Differentiable in both logprobs and entropy; under ``torch.no_grad()`` it is the cheap
+    old-policy / reference pass.
+    """
+    weight, bias = unpack_lm_head(lm_head, bias)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature: got {temperature!r}, expected a number > 0")
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size: got {chunk_size!r}, expected an int >= 1")
+    check_linear_inputs(hidden, weight, bias, targets, ignore_index)
+    options = StatsOptions(get_backend(backend, hidden.device), float(temperature), ignore_index, chunk_size)
+    return linear_token_stats(hidden, weight, bias, targets, options)
