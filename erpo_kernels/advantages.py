@@ -159,8 +159,15 @@ def compute_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_ent
                        old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], config: ERPOConfig,
                        token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None,
                        backend: str = "auto") -> Advantages:
-    """Dispatch the (already validated) advantage synthesis to a backend."""
+    """Dispatch the (already validated) advantage synthesis to a backend.
+
+    Values off the mask are zeroed first: padding may hold NaN or inf, and 0 * NaN is NaN.
+    """
     name = resolve_backend_name(backend, old_entropy.device)
+    mask = mask.bool()
+    on_mask = lambda x: None if x is None else torch.where(mask, x, torch.zeros_like(x))  # noqa: E731
+    old_entropy, old_logprobs, ref_logprobs = on_mask(old_entropy), on_mask(old_logprobs), on_mask(ref_logprobs)
+    token_weights, gates = on_mask(token_weights), on_mask(gates)
     args = (rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config, token_weights, gates)
     if name == "torch":
         out = reference.token_advantages(*args)

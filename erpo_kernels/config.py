@@ -74,7 +74,7 @@ class ERPOConfig:
     max_length: Optional[int] = None       # "constant" divisor length; None = padded T
     # --- plumbing ----------------------------------------------------------------------
     ignore_index: int = -100
-    chunk_size: int = 1024                 # tokens per [chunk, V] logits block (chunked backend)
+    chunk_size: Optional[int] = None       # tokens per [chunk, V] logits block; None = ~32 MiB of fp32 logits
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -126,6 +126,8 @@ class ERPOConfig:
             raise ValueError(f"ERPOConfig.dual_clip_c: got {self.dual_clip_c!r}, expected > 1 (e.g. 3.0) or None")
         for name in ("num_buckets", "chunk_size"):
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ERPOConfig.{name}: got {value!r}, expected an int >= 1")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):

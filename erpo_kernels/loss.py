@@ -34,7 +34,7 @@ class ERPOOutput:
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp_min(1))
+    return float(torch.where(mask > 0, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1))
 
 
 def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor, old_entropy: Tensor,
@@ -112,6 +112,8 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
     stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
     adv = compute_advantages(rewards, valid, group_ids, stats_entropy, stats_logprobs, ref_lp, config,
                              token_weights, gates, backend)
+    old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
+    ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
     token_loss, info = reference.per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
     loss = reference.aggregate(token_loss, valid, config)
     metrics = loss_metrics(loss, valid, logprobs, entropy, stats_entropy, adv, info, ref_lp, group_ids)

@@ -196,6 +196,15 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
 # ----------------------------------------------------------------------------------------------
 # 3. surrogate and aggregation
 # ----------------------------------------------------------------------------------------------
+def fill_off_mask(values: Optional[Tensor], valid: Tensor, logprobs: Tensor) -> Optional[Tensor]:
+    """Replace old/ref log-probs off the mask by the current (detached) ones: ratio 1, KL 0 there.
+
+    Padding may hold anything (-1e4, garbage); exp(lp - old) of it would overflow to inf, and
+    inf * 0 = NaN would reach the loss and, through autograd, the gradients.
+    """
+    return None if values is None else torch.where(valid, values, logprobs.detach())
+
+
 def per_token_loss(logprobs: Tensor, entropy: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
                    ref_logprobs: Optional[Tensor], config: ERPOConfig) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped surrogate (+ dual clip, + k3 KL, - entropy bonus) per token, and boolean clip indicators.
@@ -274,8 +283,8 @@ def erpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, rew
                            stats_logprobs.to(logprobs.dtype),
                            None if ref_logprobs is None else ref_logprobs.to(logprobs.dtype),
                            config, token_weights, gates)
-    old = None if old_logprobs is None else old_logprobs.to(logprobs.dtype)
-    ref = None if ref_logprobs is None else ref_logprobs.to(logprobs.dtype)
+    old = fill_off_mask(None if old_logprobs is None else old_logprobs.to(logprobs.dtype), valid, logprobs)
+    ref = fill_off_mask(None if ref_logprobs is None else ref_logprobs.to(logprobs.dtype), valid, logprobs)
     loss_tokens, info = per_token_loss(logprobs, entropy, adv["advantages"], old, ref, config)
     loss = aggregate(loss_tokens, valid, config)
     return loss, dict(adv, logprobs=logprobs, entropy=entropy, token_loss=loss_tokens, valid=valid, **info)

@@ -30,7 +30,7 @@ class StatsOptions:
     backend: object            # a backend module (erpo_kernels.backends.*)
     temperature: float = 1.0
     ignore_index: int = -100
-    chunk_size: int = 1024
+    chunk_size: Optional[int] = None  # None: the backend's own choice
 
 
 class LinearTokenStats(torch.autograd.Function):
@@ -74,7 +74,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1.0, *,
                 bias: Optional[Tensor] = None, ignore_index: int = -100, backend: str = "auto",
-                chunk_size: int = 1024) -> TokenStats:
+                chunk_size: Optional[int] = None) -> TokenStats:
     """Per-token log-prob of ``targets``, entropy and logsumexp of softmax((hidden @ W.T + b) / temperature).
 
     hidden [B, T, H] or [N, H]; lm_head an nn.Linear or its weight [V, H]; targets [B, T] / [N] ids
@@ -85,7 +85,7 @@ def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1
     weight, bias = unpack_lm_head(lm_head, bias)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature: got {temperature!r}, expected a number > 0")
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: got {chunk_size!r}, expected an int >= 1")
     check_linear_inputs(hidden, weight, bias, targets, ignore_index)
     options = StatsOptions(get_backend(backend, hidden.device), float(temperature), ignore_index, chunk_size)

@@ -25,8 +25,19 @@ def compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
+# One [chunk, V] fp32 buffer of about 32 MiB: the chunked path holds a few of these at once.
+AUTO_CHUNK_ELEMENTS = 8 * 1024 * 1024
+
+
+def resolve_chunk_size(chunk_size: Optional[int], vocab: int) -> int:
+    """``chunk_size`` tokens, or (None) as many as keep one fp32 [chunk, V] buffer near 32 MiB."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(16, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+
+
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
-                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: int = 1024
+                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None
                  ) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-token log-prob of the target, entropy and logsumexp, each [N] in ``compute_dtype(hidden)``.
 
@@ -35,6 +46,7 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     ``entropy = lse - (softmax(z) * z).sum(-1)``.
     """
     n_tokens = hidden.shape[0]
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
     logprobs = hidden.new_empty(n_tokens, dtype=compute_dtype(hidden))
     entropy = torch.empty_like(logprobs)
     lse = torch.empty_like(logprobs)
@@ -57,7 +69,7 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           lse: Tensor, entropy: Tensor, grad_logprobs: Optional[Tensor],
                           grad_entropy: Optional[Tensor], *, temperature: float = 1.0,
-                          ignore_index: int = -100, chunk_size: int = 1024,
+                          ignore_index: int = -100, chunk_size: Optional[int] = None,
                           needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of ``sum(grad_logprobs * logprobs + grad_entropy * entropy)``.
@@ -68,6 +80,7 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     Accumulates grad_weight / grad_bias in fp32 and casts once at the end.
     """
     n_tokens = hidden.shape[0]
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
     want_h, want_w, want_b = needs_input_grad
     want_b = want_b and bias is not None
     grad_hidden = torch.empty_like(hidden) if want_h else None

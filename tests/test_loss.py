@@ -1,0 +1,170 @@
+"""erpo_loss (chunked backend) against the reference, and the GRPO-family modes against hand-written losses."""
+import pytest
+import torch
+from torch import nn
+
+from erpo_kernels import ERPOLoss, erpo_loss, reference
+from tests.helpers import assert_close, make_batch, small_config
+
+MODES = ["erpo", "ep_grpo", "grpo", "dapo", "dr_grpo"]
+AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "holder"]
+
+
+def _run(batch, config, backend="chunked", use_old=True, use_ref=True, use_entropy=True, **kwargs):
+    hidden = batch["hidden"].clone().requires_grad_()
+    weight = batch["weight"].clone().requires_grad_()
+    out = erpo_loss(hidden, weight, batch["targets"], batch["mask"], batch["rewards"],
+                    group_ids=batch["group_ids"], config=config, backend=backend,
+                    old_logprobs=batch["old_logprobs"] if use_old else None,
+                    ref_logprobs=batch["ref_logprobs"] if use_ref else None,
+                    old_entropy=batch["old_entropy"] if use_entropy else None, **kwargs)
+    out.loss.backward()
+    return out, hidden.grad, weight.grad
+
+
+def _run_reference(batch, config, use_old=True, use_ref=True, use_entropy=True, **kwargs):
+    hidden = batch["hidden"].double().clone().requires_grad_()
+    weight = batch["weight"].double().clone().requires_grad_()
+    d = lambda x: x.double()  # noqa: E731
+    loss, parts = reference.erpo_loss(
+        hidden, weight, batch["targets"], batch["mask"], d(batch["rewards"]), batch["group_ids"],
+        d(batch["old_logprobs"]) if use_old else None, d(batch["ref_logprobs"]) if use_ref else None,
+        d(batch["old_entropy"]) if use_entropy else None, config, **kwargs)
+    loss.backward()
+    return loss, hidden.grad, weight.grad, parts
+
+
+def _compare(batch, config, rtol=1e-5, **flags):
+    out, gh, gw = _run(batch, config, **flags)
+    loss, rgh, rgw, _ = _run_reference(batch, config, **flags)
+    assert_close(out.loss, loss, rtol=rtol, atol=1e-7, name="loss")
+    assert_close(gh, rgh, rtol=rtol, atol=rtol, scaled=True, name="grad_hidden")
+    assert_close(gw, rgw, rtol=rtol, atol=rtol, scaled=True, name="grad_weight")
+    return out
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_and_aggregations_match_reference(mode, aggregation):
+    batch = make_batch(seed=MODES.index(mode) * 10 + AGGREGATIONS.index(aggregation))
+    config = small_config(mode=mode, aggregation=aggregation, holder_p=2.0, kl_beta=0.05, entropy_coef=0.01,
+                          dual_clip_c=3.0, chunk_size=17)
+    out = _compare(batch, config)
+    assert all(isinstance(v, float) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("flags", [dict(use_old=False), dict(use_ref=False), dict(use_entropy=False),
+                                   dict(use_old=False, use_ref=False, use_entropy=False)],
+                         ids=["no_old", "no_ref", "no_old_entropy", "nothing"])
+@pytest.mark.parametrize("mode", ["erpo", "ep_grpo"])
+def test_optional_inputs_match_reference(mode, flags):
+    _compare(make_batch(seed=5), small_config(mode=mode, kl_beta=0.1), **flags)
+
+
+@pytest.mark.parametrize("config", [
+    small_config(gate="topk", gate_scope="batch", eps_high=0.2),
+    small_config(gate_scope="sequence", gate_normalize=True, progress_cap_kappa=2.0),
+    small_config(mode="ep_grpo", bucket_normalize=False, temperature=0.8, max_length=40, aggregation="constant"),
+], ids=["topk", "seq_scope_cap", "ep_grpo_unnormalized_T"])
+def test_variants_match_reference(config):
+    _compare(make_batch(seed=11, with_bias=False), config)
+
+
+def test_bias_ignore_index_and_nn_linear():
+    batch = make_batch(seed=3, with_bias=True, ignore_frac=0.15)
+    lin = nn.Linear(batch["weight"].shape[1], batch["weight"].shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(batch["weight"])
+        lin.bias.copy_(batch["bias"])
+    config = small_config(kl_beta=0.1)
+    hidden = batch["hidden"].clone().requires_grad_()
+    out = ERPOLoss(config)(hidden, lin, batch["targets"], batch["mask"], batch["rewards"],
+                           group_ids=batch["group_ids"], old_logprobs=batch["old_logprobs"],
+                           ref_logprobs=batch["ref_logprobs"], old_entropy=batch["old_entropy"])
+    out.loss.backward()
+    rh = batch["hidden"].double().clone().requires_grad_()
+    rw = batch["weight"].double().clone().requires_grad_()
+    rb = batch["bias"].double().clone().requires_grad_()
+    loss, _ = reference.erpo_loss(rh, rw, batch["targets"], batch["mask"], batch["rewards"].double(),
+                                  batch["group_ids"], batch["old_logprobs"].double(),
+                                  batch["ref_logprobs"].double(), batch["old_entropy"].double(), config, bias=rb)
+    loss.backward()
+    assert_close(out.loss, loss, name="loss")
+    assert_close(hidden.grad, rh.grad, atol=1e-7, name="grad_hidden")
+    assert_close(lin.weight.grad, rw.grad, atol=1e-7, name="grad_weight")
+    assert_close(lin.bias.grad, rb.grad, atol=1e-7, name="grad_bias")
+
+
+def test_float64_gradcheck_of_whole_loss():
+    batch = make_batch(B=4, T=5, H=4, V=6, G=2, dtype=torch.float64, seed=2)
+    config = small_config(num_buckets=2, kl_beta=0.1, entropy_coef=0.05, chunk_size=7)
+
+    def f(h, w):
+        return erpo_loss(h, w, batch["targets"], batch["mask"], batch["rewards"], group_size=2,
+                         old_logprobs=batch["old_logprobs"].double(), ref_logprobs=batch["ref_logprobs"].double(),
+                         old_entropy=batch["old_entropy"].double(), config=config).loss
+
+    inputs = (batch["hidden"].clone().requires_grad_(), batch["weight"].clone().requires_grad_())
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["erpo", "grpo"])
+def test_bf16_inputs_within_1e2(mode):
+    batch = make_batch(B=8, T=16, H=32, V=97, dtype=torch.bfloat16, seed=4)
+    config = small_config(mode=mode, kl_beta=0.05, entropy_coef=0.01)
+    out, gh, gw = _run(batch, config)
+    loss, rgh, rgw, _ = _run_reference(batch, config)
+    assert abs(float(out.loss.detach()) - float(loss.detach())) <= 1e-2 * max(abs(float(loss.detach())), 1e-2)
+    for name, a, e in (("grad_hidden", gh, rgh), ("grad_weight", gw, rgw)):
+        assert a.dtype == torch.bfloat16
+        rel = float((a.double() - e).norm() / e.norm())
+        assert rel < 1e-2, f"{name}: relative error {rel:.3e}"
+
+
+# --- the GRPO family against losses written by hand, the way trainers write them ------------------------
+def _hand_written(batch, kind):
+    h, w = batch["hidden"].double().requires_grad_(), batch["weight"].double().requires_grad_()
+    logits = h @ w.t()
+    lp = torch.log_softmax(logits, -1).gather(-1, batch["targets"][..., None]).squeeze(-1)
+    r = batch["rewards"].double().view(-1, 4)
+    centered = r - r.mean(1, keepdim=True)
+    adv = (centered if kind == "dr_grpo" else centered / (r.std(1, unbiased=False, keepdim=True) + 1e-6)).view(-1, 1)
+    ratio = torch.exp(lp - batch["old_logprobs"].double())
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 0.8, 1.28) * adv)
+    m = batch["mask"].double()
+    if kind == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif kind == "dapo":
+        loss = (per_token * m).sum() / m.sum()
+    else:
+        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    loss.backward()
+    return loss, h.grad, w.grad
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_family_equals_hand_written(mode):
+    batch = make_batch(seed=21)
+    batch["rewards"][4:] = 1.0  # a zero-variance group: A = 0 there in every mode
+    out, gh, gw = _run(batch, small_config(mode=mode), use_ref=False)
+    loss, rgh, rgw = _hand_written(batch, mode)
+    assert_close(out.loss, loss, rtol=1e-5, atol=1e-8, name="loss")
+    assert_close(gh, rgh, rtol=1e-5, atol=1e-5, scaled=True, name="grad_hidden")
+    assert_close(gw, rgw, rtol=1e-5, atol=1e-5, scaled=True, name="grad_weight")
+    assert out.metrics["zero_var_groups"] == 1.0
+
+
+def test_fully_masked_rows_and_one_token_responses():
+    batch = make_batch(B=8, T=1, seed=8)
+    batch["mask"][2] = False
+    out = _compare(batch, small_config(mode="ep_grpo"))
+    assert torch.isfinite(out.loss)
+
+
+def test_metrics_are_sane():
+    batch = make_batch(seed=6)
+    out, _, _ = _run(batch, small_config(kl_beta=0.1))
+    m = out.metrics
+    assert 0.0 <= m["clip_frac"] <= 1.0 and 0.0 < m["gate_mean"] < 1.0
+    assert m["entropy"] > 0 and m["kl"] >= 0 and m["num_tokens"] == float(batch["mask"].sum())
+    assert abs(m["clip_frac"] - m["clip_frac_low"] - m["clip_frac_high"]) < 1e-12
