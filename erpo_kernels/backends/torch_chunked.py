@@ -13,11 +13,19 @@ Tensor = torch.Tensor
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
-    """Logits z = (h W^T + b) / temperature for one token chunk, [n, V], in fp32 (fp64 for fp64 inputs)."""
+    """Logits z = (h W^T + b) / temperature for one token chunk, [n, V], in fp32 (fp64 for fp64 inputs).
+
+    In place after the matmul: each extra [n, V] temporary is memory the chunked path promises not to use.
+    """
+    dtype = compute_dtype(hidden)
     logits = hidden @ weight.t()
+    if logits.dtype != dtype:
+        logits = logits.to(dtype)
     if bias is not None:
-        logits = logits + bias
-    return logits.to(compute_dtype(hidden)) / temperature
+        logits.add_(bias)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
 
 
 def compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -54,15 +62,15 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
         stop = min(start + chunk_size, n_tokens)
         z = _chunk_logits(hidden[start:stop], weight, bias, temperature)
         chunk_lse = torch.logsumexp(z, dim=-1)
-        probs = torch.exp(z - chunk_lse[:, None])
         lse[start:stop] = chunk_lse
-        # sum p*z with p = 0 terms contributing exactly 0 (z may be -inf only via bias; guard anyway)
-        entropy[start:stop] = chunk_lse - torch.where(probs > 0, probs * z, 0.0).sum(-1)
         tgt = targets[start:stop]
         valid = tgt != ignore_index
         picked = z.gather(1, torch.where(valid, tgt, 0)[:, None]).squeeze(1)
         logprobs[start:stop] = torch.where(valid, picked - chunk_lse, 0.0)
-        del z, probs
+        # H = lse - sum p z; p * z is NaN only for p = 0, z = -inf (a -inf bias), whose term is 0
+        p_times_z = torch.sub(z, chunk_lse[:, None]).exp_().mul_(z).nan_to_num_(nan=0.0)
+        entropy[start:stop] = chunk_lse - p_times_z.sum(-1)
+        del z, p_times_z
     return logprobs, entropy, lse
 
 
@@ -91,19 +99,21 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         h = hidden[start:stop]
         z = _chunk_logits(h, weight, bias, temperature)
         chunk_lse = lse[start:stop, None]
-        probs = torch.exp(z - chunk_lse)
-        dz = torch.zeros_like(z)
-        if grad_entropy is not None:
-            g_ent = grad_entropy[start:stop, None].to(dz.dtype)
-            dz -= g_ent * torch.where(probs > 0, probs * (z - chunk_lse + entropy[start:stop, None]), 0.0)
-        if grad_logprobs is not None:
+        probs = torch.sub(z, chunk_lse).exp_()
+        if grad_entropy is not None:   # dz = -g_H * p * (z - lse + H), built in z's buffer
+            shift = chunk_lse - entropy[start:stop, None]
+            dz = z.sub_(shift).mul_(probs).nan_to_num_(nan=0.0).mul_(-grad_entropy[start:stop, None].to(z.dtype))
+        else:
+            dz = z.zero_()
+        if grad_logprobs is not None:  # dz += g_lp * (onehot(y) - p)
             tgt = targets[start:stop]
             valid = tgt != ignore_index
             g_lp = torch.where(valid, grad_logprobs[start:stop].to(dz.dtype), 0.0)
-            dz -= g_lp[:, None] * probs
+            dz.sub_(probs.mul_(g_lp[:, None]))
             dz.scatter_add_(1, torch.where(valid, tgt, 0)[:, None], g_lp[:, None])
-        dz /= temperature
-        del z, probs
+        del probs
+        if temperature != 1.0:
+            dz.div_(temperature)
         if want_h:
             grad_hidden[start:stop] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
         if want_w:
