@@ -30,7 +30,7 @@ _PRESETS = {
     "dr_grpo": dict(gate="none", progress_term=False, aggregation="constant", std_normalize=False),
 }
 
-_UNSET = object()
+_PRESET_FIELDS = ("std_normalize", "gate", "progress_term", "progress", "polarity", "aggregation")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,11 @@ class ERPOConfig:
             raise ValueError(f"ERPOConfig.ignore_index: got {self.ignore_index!r}, expected an int")
 
     def replace(self, **changes) -> "ERPOConfig":
-        """A copy with ``changes``; preset fields not changed keep their resolved values."""
+        """A copy with ``changes``.  Changing ``mode`` re-applies that mode's preset to every preset
+        field not named in ``changes``; otherwise resolved preset fields are kept as they are."""
+        if "mode" in changes:
+            for name in _PRESET_FIELDS:
+                changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
     @property

@@ -48,3 +48,9 @@ def test_frozen():
 def test_bad_value_names_field(field, value):
     with pytest.raises(ValueError, match=f"ERPOConfig.{field}"):
         ERPOConfig(**{field: value})
+
+
+def test_replace_mode_reapplies_preset():
+    cfg = ERPOConfig(mode="erpo", gate_gamma=2.0).replace(mode="grpo")
+    assert (cfg.gate, cfg.aggregation, cfg.gate_gamma) == ("none", "seq_mean_token_mean", 2.0)
+    assert ERPOConfig(mode="grpo").replace(eps_high=0.2).aggregation == "seq_mean_token_mean"

@@ -61,6 +61,14 @@ def test_bad_input_names_argument(case):
         erpo_loss(**_args(**changes))
 
 
+def test_tensors_on_another_device():
+    batch = make_batch(seed=1)
+    with pytest.raises(ValueError, match="^weight"):
+        erpo_loss(**_args(lm_head=batch["weight"].to("meta")))
+    with pytest.raises(ValueError, match="^old_logprobs"):
+        erpo_loss(**_args(old_logprobs=batch["old_logprobs"].to("meta")))
+
+
 def test_bad_backend_and_triton_on_cpu():
     with pytest.raises(ValueError, match="backend"):
         erpo_loss(**_args(), backend="cuda")
