@@ -75,6 +75,7 @@ class ERPOConfig:
     # --- plumbing ----------------------------------------------------------------------
     ignore_index: int = -100
     chunk_size: Optional[int] = None       # tokens per [chunk, V] logits block; None = ~32 MiB of fp32 logits
+    fused_train: bool = True               # 3-matmul sweep (loss + grads at once) where it applies
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -108,7 +109,7 @@ class ERPOConfig:
         choice("progress", PROGRESS)
         choice("polarity", POLARITIES)
         choice("aggregation", AGGREGATIONS)
-        for name in ("std_normalize", "progress_term", "gate_normalize", "bucket_normalize"):
+        for name in ("std_normalize", "progress_term", "gate_normalize", "bucket_normalize", "fused_train"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ERPOConfig.{name}: got {getattr(self, name)!r}, expected a bool")
         for name in ("eps", "temperature", "holder_p"):

@@ -234,28 +234,38 @@ def per_token_loss(logprobs: Tensor, entropy: Tensor, advantages: Tensor, old_lo
     return loss, info
 
 
-def aggregate(token_loss: Tensor, mask: Tensor, config: ERPOConfig) -> Tensor:
-    """Reduce [B, T] per-token losses over the mask.
+def aggregation_weights(mask: Tensor, config: ERPOConfig, dtype: torch.dtype = torch.float32) -> Tensor:
+    """w [B, T] with loss = sum(L * w) for every aggregation but holder(p != 1).
 
-    token_mean: sum(L m) / sum(m) (DAPO); seq_mean_token_mean: mean_i(sum_t L m / max(n_i, 1)) over all
-    B rows (GRPO, as TRL computes it); seq_mean_token_sum: mean_i sum_t L m; constant: sum(L m) / (B *
-    max_length), max_length = config.max_length or T (Dr.GRPO); holder: signed power mean over masked
-    tokens, sign(S) * max(|S|, eps)^(1/p) with S = mean(sign(L) |L|^p) (p = 1 is token_mean).
+    token_mean: 1 / sum(m) (DAPO); seq_mean_token_mean: 1 / (B * max(n_i, 1)) (GRPO, as TRL computes
+    it: fully masked rows count in B); seq_mean_token_sum: 1 / B; constant: 1 / (B * max_length),
+    max_length = config.max_length or T (Dr.GRPO).
     """
-    m = mask.to(token_loss.dtype)
-    masked = token_loss * m
-    B, T = token_loss.shape
-    if config.aggregation == "token_mean":
-        return masked.sum() / m.sum().clamp_min(1.0)
+    m = mask.to(dtype)
+    B, T = mask.shape
+    if config.aggregation in ("token_mean", "holder"):
+        return m / m.sum().clamp_min(1.0)
     if config.aggregation == "seq_mean_token_mean":
-        return (masked.sum(-1) / m.sum(-1).clamp_min(1.0)).mean()
+        return m / (B * m.sum(-1, keepdim=True).clamp_min(1.0))
     if config.aggregation == "seq_mean_token_sum":
-        return masked.sum(-1).mean()
-    if config.aggregation == "constant":
-        return masked.sum() / (B * (config.max_length or T))
+        return m / B
+    return m / (B * (config.max_length or T))
+
+
+def is_linear_aggregation(config: ERPOConfig) -> bool:
+    return config.aggregation != "holder" or config.holder_p == 1.0
+
+
+def aggregate(token_loss: Tensor, mask: Tensor, config: ERPOConfig) -> Tensor:
+    """Reduce [B, T] per-token losses over the mask (see :func:`aggregation_weights`).
+
+    holder: signed power mean over masked tokens, sign(S) * max(|S|, eps)^(1/p) with
+    S = mean(sign(L) |L|^p) (HoelderPO; p = 1 is token_mean).
+    """
+    if is_linear_aggregation(config):
+        return (token_loss * aggregation_weights(mask, config, token_loss.dtype)).sum()
     p = config.holder_p
-    if p == 1.0:
-        return masked.sum() / m.sum().clamp_min(1.0)
+    m = mask.to(token_loss.dtype)
     powered = torch.sign(token_loss) * token_loss.abs().clamp_min(1e-30) ** p * m
     s = powered.sum() / m.sum().clamp_min(1.0)
     return torch.sign(s) * s.abs().clamp_min(config.eps) ** (1.0 / p)

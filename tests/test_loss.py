@@ -168,3 +168,26 @@ def test_metrics_are_sane():
     assert 0.0 <= m["clip_frac"] <= 1.0 and 0.0 < m["gate_mean"] < 1.0
     assert m["entropy"] > 0 and m["kl"] >= 0 and m["num_tokens"] == float(batch["mask"].sum())
     assert abs(m["clip_frac"] - m["clip_frac_low"] - m["clip_frac_high"]) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["erpo", "ep_grpo", "grpo", "dr_grpo"])
+def test_fused_sweep_equals_two_pass(mode):
+    """The 3-matmul sweep (old entropy given) equals stats pass + backward, and scales with the upstream grad."""
+    batch = make_batch(seed=31, with_bias=True, ignore_frac=0.1)
+    results = []
+    for fused in (True, False):
+        config = small_config(mode=mode, kl_beta=0.1, entropy_coef=0.02, fused_train=fused, chunk_size=13)
+        hidden = batch["hidden"].clone().requires_grad_()
+        weight = batch["weight"].clone().requires_grad_()
+        bias = batch["bias"].clone().requires_grad_()
+        out = erpo_loss(hidden, weight, batch["targets"], batch["mask"], batch["rewards"], group_size=4,
+                        bias=bias, old_logprobs=batch["old_logprobs"], ref_logprobs=batch["ref_logprobs"],
+                        old_entropy=batch["old_entropy"], config=config)
+        (3.0 * out.loss).backward()
+        results.append((out, hidden.grad, weight.grad, bias.grad))
+    (a, *ga), (b, *gb) = results
+    assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-9, name="loss")
+    for name, x, y in zip(("grad_hidden", "grad_weight", "grad_bias"), ga, gb):
+        assert_close(x, y, rtol=1e-5, atol=1e-6, scaled=True, name=name)
+    for key in a.metrics:
+        assert abs(a.metrics[key] - b.metrics[key]) <= 1e-5 * max(1.0, abs(b.metrics[key])), key

@@ -5,7 +5,7 @@ The CPU default, and the fallback everywhere.  Every backend module exposes the 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -44,6 +44,65 @@ def resolve_chunk_size(chunk_size: Optional[int], vocab: int) -> int:
     return max(16, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
 
 
+def _chunk_stats(z: Tensor, targets: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, lse) [n] of one chunk's logits z [n, V]; z is left untouched."""
+    lse = torch.logsumexp(z, dim=-1)
+    valid = targets != ignore_index
+    picked = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    logprobs = torch.where(valid, picked - lse, 0.0)
+    # H = lse - sum p z; p * z is NaN only for p = 0, z = -inf (a -inf bias), whose term is 0
+    p_times_z = torch.sub(z, lse[:, None]).exp_().mul_(z).nan_to_num_(nan=0.0)
+    return logprobs, lse - p_times_z.sum(-1), lse
+
+
+def _chunk_dz_(z: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, grad_logprobs: Optional[Tensor],
+               grad_entropy: Optional[Tensor], ignore_index: int, temperature: float) -> Tensor:
+    """Turn one chunk's logits z [n, V] into dz = d(loss)/d(h W^T + b), in z's own buffer.
+
+    ``dz = (g_lp * (onehot(y) - p) - g_H * p * (z - lse + H)) / temperature``, p = exp(z - lse).
+    """
+    probs = torch.sub(z, lse[:, None]).exp_()
+    if grad_entropy is not None:
+        shift = (lse - entropy)[:, None]
+        dz = z.sub_(shift).mul_(probs).nan_to_num_(nan=0.0).mul_(-grad_entropy[:, None].to(z.dtype))
+    else:
+        dz = z.zero_()
+    if grad_logprobs is not None:
+        valid = targets != ignore_index
+        g_lp = torch.where(valid, grad_logprobs.to(dz.dtype), 0.0)
+        dz.sub_(probs.mul_(g_lp[:, None]))
+        dz.scatter_add_(1, torch.where(valid, targets, 0)[:, None], g_lp[:, None])
+    if temperature != 1.0:
+        dz.div_(temperature)
+    return dz
+
+
+class _GradAccumulator:
+    """grad_hidden rows per chunk; grad_weight / grad_bias summed over chunks in fp32 (fp64 for fp64)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs_input_grad):
+        want_h, want_w, want_b = needs_input_grad
+        dtype = compute_dtype(hidden)
+        self.weight, self.bias_dtype = weight, None if bias is None else bias.dtype
+        self.grad_hidden = torch.empty_like(hidden) if want_h else None
+        self.grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
+        self.grad_bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if want_b and bias is not None \
+            else None
+
+    def add(self, start: int, stop: int, h: Tensor, dz: Tensor) -> None:
+        if self.grad_hidden is not None:
+            self.grad_hidden[start:stop] = (dz.to(self.weight.dtype) @ self.weight).to(self.grad_hidden.dtype)
+        if self.grad_weight is not None:
+            self.grad_weight += dz.t() @ h.to(dz.dtype)
+        if self.grad_bias is not None:
+            self.grad_bias += dz.sum(0)
+
+    def result(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
+        grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.bias_dtype)
+        return self.grad_hidden, grad_weight, grad_bias
+
+
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
                  temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None
                  ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -55,23 +114,14 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     """
     n_tokens = hidden.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
-    logprobs = hidden.new_empty(n_tokens, dtype=compute_dtype(hidden))
-    entropy = torch.empty_like(logprobs)
-    lse = torch.empty_like(logprobs)
+    outputs = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         z = _chunk_logits(hidden[start:stop], weight, bias, temperature)
-        chunk_lse = torch.logsumexp(z, dim=-1)
-        lse[start:stop] = chunk_lse
-        tgt = targets[start:stop]
-        valid = tgt != ignore_index
-        picked = z.gather(1, torch.where(valid, tgt, 0)[:, None]).squeeze(1)
-        logprobs[start:stop] = torch.where(valid, picked - chunk_lse, 0.0)
-        # H = lse - sum p z; p * z is NaN only for p = 0, z = -inf (a -inf bias), whose term is 0
-        p_times_z = torch.sub(z, chunk_lse[:, None]).exp_().mul_(z).nan_to_num_(nan=0.0)
-        entropy[start:stop] = chunk_lse - p_times_z.sum(-1)
-        del z, p_times_z
-    return logprobs, entropy, lse
+        for out, value in zip(outputs, _chunk_stats(z, targets[start:stop], ignore_index)):
+            out[start:stop] = value
+        del z
+    return tuple(outputs)
 
 
 def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
@@ -80,48 +130,52 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           ignore_index: int = -100, chunk_size: Optional[int] = None,
                           needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients of ``sum(grad_logprobs * logprobs + grad_entropy * entropy)``.
+    """Gradients of ``sum(grad_logprobs * logprobs + grad_entropy * entropy)`` wrt hidden, weight, bias.
 
-    With z the fp32 logits of one chunk and p = exp(z - lse):
-    ``dz = g_lp * (onehot(y) - p) - g_H * p * (z - lse + H)``  (ERPO_SPEC.md, "Gradient of the fused part")
-    ``grad_hidden = dz @ W / T``, ``grad_weight = dz.T @ h / T``, ``grad_bias = dz.sum(0) / T``.
-    Accumulates grad_weight / grad_bias in fp32 and casts once at the end.
+    ``grad_hidden = dz @ W``, ``grad_weight = dz.T @ h``, ``grad_bias = dz.sum(0)`` with dz of
+    :func:`_chunk_dz_` (ERPO_SPEC.md, "Gradient of the fused part"), logits recomputed per chunk.
     """
     n_tokens = hidden.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
-    want_h, want_w, want_b = needs_input_grad
-    want_b = want_b and bias is not None
-    grad_hidden = torch.empty_like(hidden) if want_h else None
-    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype(hidden), device=weight.device) if want_w else None
-    grad_bias = torch.zeros(bias.shape, dtype=compute_dtype(hidden), device=bias.device) if want_b else None
+    grads = _GradAccumulator(hidden, weight, bias, needs_input_grad)
+    pick = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         h = hidden[start:stop]
         z = _chunk_logits(h, weight, bias, temperature)
-        chunk_lse = lse[start:stop, None]
-        probs = torch.sub(z, chunk_lse).exp_()
-        if grad_entropy is not None:   # dz = -g_H * p * (z - lse + H), built in z's buffer
-            shift = chunk_lse - entropy[start:stop, None]
-            dz = z.sub_(shift).mul_(probs).nan_to_num_(nan=0.0).mul_(-grad_entropy[start:stop, None].to(z.dtype))
-        else:
-            dz = z.zero_()
-        if grad_logprobs is not None:  # dz += g_lp * (onehot(y) - p)
-            tgt = targets[start:stop]
-            valid = tgt != ignore_index
-            g_lp = torch.where(valid, grad_logprobs[start:stop].to(dz.dtype), 0.0)
-            dz.sub_(probs.mul_(g_lp[:, None]))
-            dz.scatter_add_(1, torch.where(valid, tgt, 0)[:, None], g_lp[:, None])
-        del probs
-        if temperature != 1.0:
-            dz.div_(temperature)
-        if want_h:
-            grad_hidden[start:stop] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-        if want_w:
-            grad_weight += dz.t() @ h.to(dz.dtype)
-        if want_b:
-            grad_bias += dz.sum(0)
-    if want_w:
-        grad_weight = grad_weight.to(weight.dtype)
-    if want_b:
-        grad_bias = grad_bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+        dz = _chunk_dz_(z, lse[start:stop], entropy[start:stop], targets[start:stop],
+                        pick(grad_logprobs, start, stop), pick(grad_entropy, start, stop), ignore_index, temperature)
+        grads.add(start, stop, h, dz)
+        del z, dz
+    return grads.result()
+
+
+def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                       coefficients: Callable[[int, int, Tensor, Tensor], Tuple[Tensor, Tensor, Optional[Tensor]]],
+                       *, temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None,
+                       needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)):
+    """Forward and backward in one sweep, 3 matmuls instead of 4: while a chunk's logits are live,
+    compute its stats, ask ``coefficients(start, stop, logprobs, entropy)`` for
+    ``(loss_sum, d loss / d logprobs, d loss / d entropy or None)`` and turn the logits into dz.
+
+    Returns ``(loss, logprobs, entropy, lse, grad_hidden, grad_weight, grad_bias)``.  Valid when
+    every token's coefficient depends only on that token (old entropy known, linear aggregation).
+    """
+    n_tokens = hidden.shape[0]
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    grads = _GradAccumulator(hidden, weight, bias, needs_input_grad)
+    stats = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
+    loss = hidden.new_zeros((), dtype=compute_dtype(hidden))
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        h, tgt = hidden[start:stop], targets[start:stop]
+        z = _chunk_logits(h, weight, bias, temperature)
+        logprobs, entropy, lse = _chunk_stats(z, tgt, ignore_index)
+        for out, value in zip(stats, (logprobs, entropy, lse)):
+            out[start:stop] = value
+        chunk_loss, grad_logprobs, grad_entropy = coefficients(start, stop, logprobs, entropy)
+        loss += chunk_loss
+        dz = _chunk_dz_(z, lse, entropy, tgt, grad_logprobs, grad_entropy, ignore_index, temperature)
+        grads.add(start, stop, h, dz)
+        del z, dz
+    return (loss, *stats, *grads.result())

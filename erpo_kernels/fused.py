@@ -1,0 +1,78 @@
+"""The 3-matmul training pass: loss and gradients in one sweep over the vocabulary.
+
+When every token's gradient coefficient d loss / d lp (and d loss / d H) depends on that token
+alone, dz can be formed while a chunk's logits are live, so the logits are computed once
+(DESIGN.md "GEMM accounting": 3 GEMMs instead of 4).  That holds when the advantages need no
+current-policy statistic (old entropy given; old log-probs given or no progress term) and the
+aggregation is a weighted token sum.  The gradients are computed in forward and scaled by the
+upstream gradient in backward (the way Liger's and CCE's fused losses do it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from erpo_kernels import reference
+from erpo_kernels.config import ERPOConfig
+from erpo_kernels.stats import StatsOptions
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenTerms:
+    """Detached per-token inputs of the surrogate, flattened to [N]."""
+    advantages: Tensor
+    weights: Tensor                 # aggregation weights: loss = sum(L * weights)
+    valid: Tensor                   # completion tokens; off them old/ref are replaced by lp
+    old_logprobs: Optional[Tensor]
+    ref_logprobs: Optional[Tensor]
+    config: ERPOConfig
+
+    def coefficients(self, start: int, stop: int, logprobs: Tensor, entropy: Tensor):
+        """(sum of weighted token losses, d/d logprobs, d/d entropy or None) for tokens [start, stop)."""
+        rows = slice(start, stop)
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        lp = logprobs.detach().requires_grad_()
+        ent = entropy.detach().requires_grad_(self.config.entropy_coef > 0)
+        valid = self.valid[rows]
+        with torch.enable_grad():
+            old = reference.fill_off_mask(pick(self.old_logprobs), valid, lp)
+            ref = reference.fill_off_mask(pick(self.ref_logprobs), valid, lp)
+            token_loss, _ = reference.per_token_loss(lp, ent, self.advantages[rows], old, ref, self.config)
+            total = (token_loss * self.weights[rows]).sum()
+            inputs = [lp, ent] if ent.requires_grad else [lp]
+            grads = torch.autograd.grad(total, inputs)
+        return total.detach(), grads[0], grads[1] if len(grads) > 1 else None
+
+
+def fused_path_applies(config: ERPOConfig, old_entropy, old_logprobs, ref_logprobs, backend_module) -> bool:
+    """True when the per-token coefficients are known up front and the backend has a fused sweep."""
+    needs_current_lp = old_logprobs is None and config.progress_term and ref_logprobs is not None
+    return (old_entropy is not None and not needs_current_lp and reference.is_linear_aggregation(config)
+            and hasattr(backend_module, "linear_fused_train"))
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias, targets [N]) -> (loss, logprobs [N], entropy [N]).
+
+    Only ``loss`` is differentiable; logprobs and entropy come out for metrics.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, terms: TokenTerms, options: StatsOptions):
+        loss, logprobs, entropy, _lse, grad_hidden, grad_weight, grad_bias = options.backend.linear_fused_train(
+            hidden, weight, bias, targets, terms.coefficients, temperature=options.temperature,
+            ignore_index=options.ignore_index, chunk_size=options.chunk_size,
+            needs_input_grad=tuple(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return loss, logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None
