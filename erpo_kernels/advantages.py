@@ -145,9 +145,10 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
         if config.polarity == "ep_grpo":
             direction = torch.where(zero_var, torch.sign(rewards - config.reward_threshold), direction)
         progress = config.progress_eta * gate * direction[:, None] * signal
-        if config.progress_cap_kappa is not None:
+        if config.progress_cap_kappa is not None:  # only where an outcome sign exists
             cap = adv.abs() / config.progress_cap_kappa
-            progress = torch.maximum(torch.minimum(progress, cap), -cap)
+            capped = torch.maximum(torch.minimum(progress, cap), -cap)
+            progress = torch.where(seq_adv[:, None] != 0, capped, progress)
         adv = adv + progress
     adv = adv * mask
     if token_weights is not None:

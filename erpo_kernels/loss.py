@@ -18,6 +18,7 @@ from erpo_kernels import validation as v
 from erpo_kernels.advantages import compute_advantages
 from erpo_kernels.backends import get_backend
 from erpo_kernels.config import ERPOConfig
+from erpo_kernels.fused import FusedLinearLoss, TokenTerms, fused_path_applies
 from erpo_kernels.stats import StatsOptions, linear_token_stats
 
 Tensor = torch.Tensor
@@ -67,6 +68,15 @@ def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor,
     return metrics
 
 
+def _per_token_loss(backend: str, device: torch.device):
+    """The per-token surrogate: the Triton kernel for the "triton" backend, else reference.per_token_loss."""
+    from erpo_kernels.backends import resolve_backend_name
+    if resolve_backend_name(backend, device) == "triton":
+        from erpo_kernels.ops.surrogate import surrogate_triton
+        return surrogate_triton
+    return reference.per_token_loss
+
+
 def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *,
               group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
               old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
@@ -79,7 +89,8 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
     (``config.ignore_index`` allowed); mask [B, T] completion mask; rewards [B]; group_size or
     group_ids [B]; old_logprobs / ref_logprobs / old_entropy / token_weights / gates [B, T].
     Without ``old_entropy`` the current policy's entropy (detached) is used: exact on the first
-    update of an on-policy batch, and free (the same stats pass provides it).
+    update of an on-policy batch, and free (the same stats pass provides it).  With it (and a
+    linear aggregation), loss and gradients come from one 3-matmul sweep (:mod:`erpo_kernels.fused`).
     """
     config = config or ERPOConfig()
     if not isinstance(config, ERPOConfig):
@@ -103,19 +114,39 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
 
     options = StatsOptions(get_backend(backend, device), config.temperature, config.ignore_index,
                            config.chunk_size)
-    stats = linear_token_stats(hidden, weight, bias, targets, options)
-    logprobs, entropy = stats.logprobs, stats.entropy
-    dtype = logprobs.dtype
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
     as_stats = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     old_lp, ref_lp = as_stats(old_logprobs), as_stats(ref_logprobs)
-    stats_entropy = as_stats(old_entropy) if old_entropy is not None else entropy.detach()
-    stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
-    adv = compute_advantages(rewards, valid, group_ids, stats_entropy, stats_logprobs, ref_lp, config,
-                             token_weights, gates, backend)
-    old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
-    ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
-    token_loss, info = reference.per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
-    loss = reference.aggregate(token_loss, valid, config)
+    wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if wants_grad and config.fused_train and fused_path_applies(config, old_entropy, old_lp, ref_lp,
+                                                                 options.backend):
+        # advantages first (they need only old statistics), then one sweep: loss and grads
+        stats_entropy = as_stats(old_entropy)
+        adv = compute_advantages(rewards, valid, group_ids, stats_entropy, old_lp, ref_lp, config,
+                                 token_weights, gates, backend)
+        flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+        terms = TokenTerms(flat(adv.advantages), flat(reference.aggregation_weights(valid, config, dtype)),
+                           flat(valid), flat(old_lp), flat(ref_lp), config)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        loss, logprobs, entropy = FusedLinearLoss.apply(flat_hidden, weight, bias, targets.reshape(-1), terms,
+                                                        options)
+        logprobs, entropy = logprobs.view(shape), entropy.view(shape)
+        old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
+        ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
+        with torch.no_grad():
+            _, info = reference.per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
+    else:
+        stats = linear_token_stats(hidden, weight, bias, targets, options)
+        logprobs, entropy = stats.logprobs, stats.entropy
+        stats_entropy = as_stats(old_entropy) if old_entropy is not None else entropy.detach()
+        stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
+        adv = compute_advantages(rewards, valid, group_ids, stats_entropy, stats_logprobs, ref_lp, config,
+                                 token_weights, gates, backend)
+        old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
+        ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
+        token_loss, info = _per_token_loss(backend, device)(logprobs, entropy, adv.advantages, old_lp, ref_lp,
+                                                            config)
+        loss = reference.aggregate(token_loss, valid, config)
     metrics = loss_metrics(loss, valid, logprobs, entropy, stats_entropy, adv, info, ref_lp, group_ids)
     return ERPOOutput(loss, metrics, adv.advantages, logprobs.detach(), entropy.detach())
 

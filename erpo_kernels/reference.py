@@ -184,8 +184,12 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
         signal = bucket_normalized_signal(raw, mask, group_ids, bucket, config)
         progress = config.progress_eta * gate * direction[:, None] * signal
         if config.progress_cap_kappa is not None:
+            # |eta Psi| <= |A_out| / kappa keeps the outcome sign dominant.  Rows without an outcome
+            # sign (A_seq = 0: EP-GRPO's zero-variance fallback) are not capped: a cap of 0 there
+            # would silently switch the fallback off.
             cap = adv_out.abs() / config.progress_cap_kappa
-            progress = torch.maximum(torch.minimum(progress, cap), -cap)
+            capped = torch.maximum(torch.minimum(progress, cap), -cap)
+            progress = torch.where(seq_adv[:, None] != 0, capped, progress)
     adv = (adv_out + progress) * mask
     if token_weights is not None:
         adv = adv * token_weights.to(dtype)

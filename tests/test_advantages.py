@@ -169,3 +169,13 @@ def test_dr_grpo_outcome_advantage_has_no_std():
     assert_close(a, torch.tensor([0.75, -0.25, -0.25, -0.25]), name="A_seq")
     b = reference.outcome_advantage(rewards, torch.zeros(4, dtype=torch.long), ERPOConfig(mode="grpo"))
     assert_close(b, (rewards - 0.25) / (rewards.std(unbiased=False) + 1e-6), name="A_seq")
+
+
+def test_cap_bounds_progress_but_keeps_ep_grpo_fallback():
+    rewards, mask, gid, ent, old, ref = _inputs()
+    rewards[4:] = 1.0  # zero-variance group
+    cfg = small_config(mode="ep_grpo", progress_cap_kappa=4.0)
+    out = erpo_advantages(rewards, mask, ent, old, ref, group_size=4, config=cfg)
+    outcome = out.gate * out.seq_advantage[:, None]
+    assert bool(((out.advantages[:4] - outcome[:4]).abs() <= outcome[:4].abs() / 4.0 + 1e-12).all())
+    assert float(out.advantages[4:].abs().sum()) > 0
