@@ -1,0 +1,103 @@
+"""``erpo-bench``: time and memory of every installed contender, as ratios to the GEMM floor.
+
+    erpo-bench                                      # preset "gpu" on CUDA, "cpu-small" otherwise
+    erpo-bench --preset cpu-small --out bench-out   # laptop CPU, a minute or two
+    erpo-bench --preset gpu --dtypes bf16 --contenders erpo-triton,erpo-chunked,pytorch,liger,cce,floor
+    python -m erpo_kernels.benchmark.cli --preset tiny --repeats 2   # the CI smoke run, seconds
+
+Writes the markdown table to stdout and, under ``--out``: results.md, results.json, results.csv and
+bench.png (time and memory vs N).  A progress bar goes to stderr.  Failures (OOM, errors, failed
+checks) are rows, never an exit: the exit status is 0 unless the arguments are wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from erpo_kernels.benchmark import common, report
+from erpo_kernels.benchmark.contenders import Contender, all_contenders
+from erpo_kernels.benchmark.runner import RunSettings, run_benchmark, select
+
+
+def _csv(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erpo-bench", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(common.PRESETS), default=None,
+                        help="shape preset (default: gpu on CUDA, cpu-small otherwise)")
+    parser.add_argument("--contenders", type=_csv, default=None,
+                        help="comma-separated names (default: every one installed; see --list)")
+    parser.add_argument("--dtypes", type=_csv, default=["bf16", "fp32"], help="comma-separated: bf16,fp32")
+    parser.add_argument("--pass", dest="pass_name", choices=["train", "stats", "both"], default="both",
+                        help="train: forward+backward of the loss; stats: the no-grad per-token pass")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for md/json/csv/png")
+    parser.add_argument("--no-check", action="store_true", help="skip the correctness check (not advised)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed cases to stderr")
+    parser.add_argument("--list", action="store_true", help="list contenders and whether they run here, then exit")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, contenders: Optional[List[Contender]] = None) -> int:
+    """Entry point; ``contenders`` replaces the built-in registry (tests inject their own)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(parser, args, argv, contenders)
+    finally:
+        torch.set_num_threads(threads)   # a caller's process (a test session) keeps its own setting
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[Sequence[str]],
+         contenders: Optional[List[Contender]]) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    registry = contenders if contenders is not None else all_contenders()
+    if args.list:
+        for c in registry:
+            print(f"{c.name:14s} {c.unavailable(device) or 'available':60s} {c.note}")
+        return 0
+    try:
+        chosen = select(registry, args.contenders)
+    except ValueError as error:
+        parser.error(str(error))
+    bad_dtypes = [d for d in args.dtypes if d not in common.DTYPES]
+    if bad_dtypes:
+        parser.error(f"--dtypes: unknown {bad_dtypes}; choose from {sorted(common.DTYPES)}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu-small")
+    passes = list(common.PASSES) if args.pass_name == "both" else [args.pass_name]
+    settings = RunSettings(common.PRESETS[preset], args.dtypes, passes, chosen, device, args.repeats, args.warmup,
+                           check=not args.no_check, progress=not args.no_progress, verbose=args.verbose)
+    result = run_benchmark(settings)
+
+    meta = dict(common.environment(device), preset=preset, repeats=args.repeats, warmup=args.warmup,
+                check_shape=common.CHECK_SHAPE.label, argv=list(argv) if argv is not None else sys.argv[1:])
+    table = report.markdown_table(result.rows, meta, result.unavailable)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(table)
+    report.write_json(args.out / "results.json", report.to_json(result.rows, meta, result.unavailable,
+                                                                result.checks))
+    report.write_csv(args.out / "results.csv", result.rows)
+    report.plot(result.rows, args.out / "bench.png", title=f"erpo-bench {preset}: {meta['device']}")
+    sys.stdout.write(table)
+    sys.stderr.write(f"wrote {args.out}/results.md, results.json, results.csv, bench.png\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
