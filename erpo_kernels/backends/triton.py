@@ -1,0 +1,60 @@
+"""The "triton" backend: ``linear_stats`` / ``linear_stats_backward`` with the signatures and semantics of
+:mod:`erpo_kernels.backends.torch_chunked`, computed by the Triton kernels of :mod:`erpo_kernels.ops`.
+
+Differences from ``torch_chunked``: inputs must be float16, bfloat16 or float32 (no float64: tl.dot has no
+fp64 tensor-core path; use the "torch"/"chunked" backends for fp64 checks), and statistics are always fp32.
+``chunk_size`` only matters for the chunked backward design (None: ``torch_chunked.resolve_chunk_size``);
+the forward and the fused backward never chunk.
+
+Backward design (``ERPO_TRITON_GRAD``, read per call):
+- ``"fused"`` (default): design (b), ``linear_grad_fused``: no [chunk, V] buffer, fp32 atomics for
+  grad_weight (not bitwise reproducible; ``ERPO_TRITON_DETERMINISTIC=1`` switches to the atomic-free
+  variant).  Chosen as default because it holds no logits buffer at all and runs identically under the
+  interpreter; whether it beats (a) on an H100 is still to be measured (bench/).
+- ``"chunked"``: design (a), ``linear_grad_chunked``: cuBLAS logits per ``chunk_size`` tokens, a Triton
+  epilogue forms dz in place, cuBLAS grads.  3 vendor GEMMs, a chunk_size x V fp32 buffer, deterministic.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from erpo_kernels.backends.torch_chunked import resolve_chunk_size
+from erpo_kernels.ops.linear_grad import linear_grad_chunked, linear_grad_fused
+from erpo_kernels.ops.linear_stats import linear_stats_fwd
+
+Tensor = torch.Tensor
+GRAD_DESIGNS = ("fused", "chunked")
+
+
+def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
+                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-token ``(logprobs, entropy, lse)``, each fp32 [N]; see ``torch_chunked.linear_stats``."""
+    return linear_stats_fwd(hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index)
+
+
+def grad_design() -> str:
+    design = os.environ.get("ERPO_TRITON_GRAD", "fused")
+    if design not in GRAD_DESIGNS:
+        raise ValueError(f"ERPO_TRITON_GRAD: got {design!r}, expected one of {GRAD_DESIGNS}")
+    return design
+
+
+def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                          lse: Tensor, entropy: Tensor, grad_logprobs: Optional[Tensor],
+                          grad_entropy: Optional[Tensor], *, temperature: float = 1.0,
+                          ignore_index: int = -100, chunk_size: Optional[int] = None,
+                          needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)
+                          ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``sum(grad_logprobs * logprobs + grad_entropy * entropy)`` wrt (hidden, weight, bias);
+    see ``torch_chunked.linear_stats_backward``."""
+    common = dict(temperature=temperature, ignore_index=ignore_index, needs_input_grad=needs_input_grad)
+    if grad_design() == "chunked":
+        return linear_grad_chunked(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+                                   chunk_size=resolve_chunk_size(chunk_size, weight.shape[0]), **common)
+    deterministic = os.environ.get("ERPO_TRITON_DETERMINISTIC", "0") == "1"
+    return linear_grad_fused(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+                             deterministic=deterministic, **common)

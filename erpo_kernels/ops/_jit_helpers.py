@@ -1,0 +1,74 @@
+"""``@triton.jit`` helpers shared by the linear kernels: one fp32 logits tile, and its dz.
+
+Dot precision: ``DOT_PRECISION`` is "ieee" for fp32 inputs (tl.dot defaults to tf32 on NVIDIA, ~1e-3
+relative error) and "tf32" otherwise (ignored for bf16/fp16).  ``DOT_UPCAST`` casts bf16 operands to fp32
+before the dot: the Triton CPU interpreter (3.x) multiplies bf16 tiles as raw 16-bit integers, so the
+launchers set it under ``TRITON_INTERPRET=1`` only (see ``dot_meta``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from erpo_kernels.ops import tile_config
+
+
+def dot_meta(dtype: torch.dtype) -> dict:
+    """The DOT_PRECISION / DOT_UPCAST meta-parameters for operands of ``dtype``."""
+    upcast = dtype == torch.bfloat16 and tile_config.interpreter_enabled()
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    return {"DOT_PRECISION": precision, "DOT_UPCAST": upcast}
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in fp32."""
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, bias_ptr,
+                 offs_n, offs_v, mask_n, mask_v, H,
+                 stride_hn, stride_hh, stride_wv, stride_wh,
+                 temperature,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """z = (hidden[offs_n] @ weight[offs_v].T + bias[offs_v]) / temperature as fp32 [BLOCK_N, BLOCK_V];
+    columns outside ``mask_v`` are -inf (they drop out of every softmax sum)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # int64 row offsets: N*H and V*H may exceed 2^31
+    h_rows = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+    w_rows = weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        h = tl.load(h_rows + offs_h[None, :] * stride_hh, mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+        w = tl.load(w_rows + offs_h[None, :] * stride_wh, mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, DOT_UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    z = acc / temperature
+    return tl.where(mask_v[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets,
+             HAS_GRAD_LOGPROBS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    """dz = g_lp * (onehot(y) - p) - g_H * p * (z - lse + H) with p = exp(z - lse), fp32 [BLOCK_N, BLOCK_V].
+
+    ``g_logprob`` must already be 0 for ignored targets.  -inf columns (p = 0) and rows outside
+    ``mask_n`` give exactly 0, never 0 * inf = nan (a NaN there would poison grad_weight via dz^T @ h).
+    """
+    p = tl.exp(z - lse[:, None])
+    dz = tl.zeros_like(z)
+    if HAS_GRAD_ENTROPY:
+        dlogp = z - lse[:, None] + entropy[:, None]
+        dz -= g_entropy[:, None] * tl.where(p > 0, p * dlogp, 0.0)
+    if HAS_GRAD_LOGPROBS:
+        onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
+        dz += g_logprob[:, None] * (onehot - p)
+    return tl.where(mask_n[:, None], dz, 0.0)

@@ -1,0 +1,342 @@
+"""Backward of the fused linear stats: grads of ``sum(g_lp * logprobs + g_H * entropy)`` wrt hidden, weight
+and bias, recomputing the logits instead of storing them.
+
+With z = (h W^T + b) / T (fp32) and p = exp(z - lse) (ERPO_SPEC.md, "Gradient of the fused part"):
+``dz = g_lp * (onehot(y) - p) - g_H * p * (z - lse + H)``; ``grad_hidden = dz @ W / T``,
+``grad_weight = dz^T @ h / T``, ``grad_bias = dz.sum(0) / T``.  Grads accumulate in fp32 buffers and are
+cast to the input dtype once at the end.
+
+Two designs (DESIGN.md, "Kernel design notes"):
+
+(b) ``linear_grad_fused``: ``_linear_grad_fused_kernel``, one program per (outer block, inner split)
+    that streams the inner tiles; per [BLOCK_N, BLOCK_V] tile it recomputes z (a K-loop over H), forms dz
+    in registers, then loops over H again for ``dz @ W[v]`` and ``dz^T @ h[n]``.  No [N, V] buffer at all;
+    4 GEMMs of work in total with the forward.  Cost: the fp32 grad tiles are read-modified-written once
+    per inner tile, i.e. N·H·8·V/BLOCK_V bytes for grad_hidden and V·H·8·N/BLOCK_N for grad_weight (L2
+    atomics on a GPU); larger tiles cut that traffic.  Loop orders:
+      - token-major (default): outer = token blocks, inner = vocab tiles.  grad_hidden rows belong to one
+        program when there is one vocab split (plain read-modify-write), else atomics; grad_weight and
+        grad_bias take fp32 atomics from every token block (order varies run to run: not bitwise stable).
+      - ``deterministic=True``: token-major with one split for grad_hidden only, then vocab-major
+        (outer = vocab blocks, inner = token tiles) for grad_weight / grad_bias, each owned by one program.
+        No atomics, bitwise reproducible, at the price of recomputing the logits once more (5 GEMMs) and
+        fewer programs when N (resp. V) is small.
+(a) ``linear_grad_chunked``: per token chunk, one cuBLAS-class GEMM for the fp32 logits [chunk, V], the
+    Triton ``_dz_epilogue_kernel`` turning them into dz in place, and two more GEMMs for the grads.
+    Reuses the vendor GEMMs and needs no atomics (deterministic), at the cost of a chunk x V fp32 buffer.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from erpo_kernels.ops import tile_config
+from erpo_kernels.ops._jit_helpers import _dz_tile, _logits_tile, _mma, dot_meta
+from erpo_kernels.ops.linear_stats import check_launch_scalars, check_linear_inputs
+from erpo_kernels.validation import fail
+
+Tensor = torch.Tensor
+_HEURISTICS = {
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "HAS_GRAD_LOGPROBS": lambda args: args["grad_logprobs_ptr"] is not None,
+    "HAS_GRAD_ENTROPY": lambda args: args["grad_entropy_ptr"] is not None,
+}
+
+
+@triton.jit
+def _token_coefficients(offs_n, mask_n, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+                        ignore_index, HAS_GRAD_LOGPROBS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    """Per-token (targets, lse, entropy, g_lp, g_H) in fp32; g_lp is 0 for ignored targets."""
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    g_logprob = tl.zeros_like(lse)
+    g_entropy = tl.zeros_like(lse)
+    entropy = tl.zeros_like(lse)
+    if HAS_GRAD_LOGPROBS:
+        g_logprob = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        g_logprob = tl.where(targets != ignore_index, g_logprob, 0.0)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        entropy = tl.load(entropy_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return targets, lse, entropy, g_logprob, g_entropy
+
+
+@triton.heuristics({**_HEURISTICS,
+                    "COMPUTE_HIDDEN": lambda args: args["grad_hidden_ptr"] is not None,
+                    "COMPUTE_WEIGHT": lambda args: args["grad_weight_ptr"] is not None,
+                    "COMPUTE_BIAS": lambda args: args["grad_bias_ptr"] is not None})
+@triton.jit
+def _linear_grad_fused_kernel(
+        # pointers
+        hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr,
+        grad_logprobs_ptr, grad_entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+        # sizes
+        N, V, H, split_len,
+        # strides (grad buffers are contiguous fp32 [N, H] / [V, H])
+        stride_hn, stride_hh, stride_wv, stride_wh,
+        # scalars
+        temperature, ignore_index,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr, HAS_GRAD_LOGPROBS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+        COMPUTE_HIDDEN: tl.constexpr, COMPUTE_WEIGHT: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
+        VOCAB_MAJOR: tl.constexpr, HIDDEN_ATOMIC: tl.constexpr, WEIGHT_ATOMIC: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    pid_outer = tl.program_id(0)
+    inner_begin = tl.program_id(1) * split_len
+    if VOCAB_MAJOR:
+        offs_v = pid_outer * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        inner_end = tl.minimum(inner_begin + split_len, N)
+        inner_step: tl.constexpr = BLOCK_N
+    else:
+        offs_n = pid_outer * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        targets, lse, entropy, g_logprob, g_entropy = _token_coefficients(
+            offs_n, mask_n, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+            ignore_index, HAS_GRAD_LOGPROBS, HAS_GRAD_ENTROPY)
+        inner_end = tl.minimum(inner_begin + split_len, V)
+        inner_step: tl.constexpr = BLOCK_V
+
+    for i0 in range(inner_begin, inner_end, inner_step):
+        if VOCAB_MAJOR:
+            offs_n = i0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < inner_end
+            targets, lse, entropy, g_logprob, g_entropy = _token_coefficients(
+                offs_n, mask_n, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+                ignore_index, HAS_GRAD_LOGPROBS, HAS_GRAD_ENTROPY)
+        else:
+            offs_v = i0 + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < inner_end
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                         stride_hn, stride_hh, stride_wv, stride_wh, temperature,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
+        dz = _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets,
+                      HAS_GRAD_LOGPROBS, HAS_GRAD_ENTROPY) / temperature
+        dz_op = dz.to(hidden_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays fp32
+        if COMPUTE_BIAS:
+            grad_b = tl.sum(dz, axis=0)
+            if WEIGHT_ATOMIC:
+                tl.atomic_add(grad_bias_ptr + offs_v, grad_b, mask=mask_v, sem="relaxed")
+            else:
+                tl.store(grad_bias_ptr + offs_v, tl.load(grad_bias_ptr + offs_v, mask=mask_v) + grad_b,
+                         mask=mask_v)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            if COMPUTE_HIDDEN:
+                w = tl.load(weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                            mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+                grad_h = _mma(dz_op, w, tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32), DOT_PRECISION, DOT_UPCAST)
+                ptrs = grad_hidden_ptr + offs_n.to(tl.int64)[:, None] * H + offs_h[None, :]
+                mask = mask_n[:, None] & mask_h[None, :]
+                if HIDDEN_ATOMIC:
+                    tl.atomic_add(ptrs, grad_h, mask=mask, sem="relaxed")
+                else:
+                    tl.store(ptrs, tl.load(ptrs, mask=mask) + grad_h, mask=mask)
+            if COMPUTE_WEIGHT:
+                h = tl.load(hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_h[None, :] * stride_hh,
+                            mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+                grad_w = _mma(tl.trans(dz_op), h, tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32),
+                              DOT_PRECISION, DOT_UPCAST)
+                ptrs = grad_weight_ptr + offs_v.to(tl.int64)[:, None] * H + offs_h[None, :]
+                mask = mask_v[:, None] & mask_h[None, :]
+                if WEIGHT_ATOMIC:
+                    tl.atomic_add(ptrs, grad_w, mask=mask, sem="relaxed")
+                else:
+                    tl.store(ptrs, tl.load(ptrs, mask=mask) + grad_w, mask=mask)
+
+
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _dz_epilogue_kernel(
+        # pointers (logits: raw h @ W^T in fp32, overwritten with dz / T)
+        logits_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+        # sizes
+        N, V,
+        # strides
+        stride_ln,
+        # scalars
+        temperature, ignore_index,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr, HAS_GRAD_LOGPROBS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    mask = mask_n[:, None] & mask_v[None, :]
+    ptrs = logits_ptr + offs_n.to(tl.int64)[:, None] * stride_ln + offs_v[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    z = tl.where(mask_v[None, :], acc / temperature, float("-inf"))
+    targets, lse, entropy, g_logprob, g_entropy = _token_coefficients(
+        offs_n, mask_n, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+        ignore_index, HAS_GRAD_LOGPROBS, HAS_GRAD_ENTROPY)
+    dz = _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets,
+                  HAS_GRAD_LOGPROBS, HAS_GRAD_ENTROPY) / temperature
+    tl.store(ptrs, dz, mask=mask)
+
+
+def _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+                       temperature, needs_input_grad, num_splits=None):
+    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    check_launch_scalars(temperature, num_splits)
+    n_tokens = hidden.shape[0]
+    if len(tuple(needs_input_grad)) != 3:
+        fail("needs_input_grad", str(needs_input_grad), "3 booleans (hidden, weight, bias)")
+    checked = []
+    for name, x, required in (("lse", lse, True), ("entropy", entropy, grad_entropy is not None),
+                              ("grad_logprobs", grad_logprobs, False), ("grad_entropy", grad_entropy, False)):
+        if x is None:
+            if required:
+                fail(name, "None", f"a floating-point [N] = [{n_tokens}] tensor")
+        elif (not isinstance(x, Tensor) or tuple(x.shape) != (n_tokens,) or not x.is_floating_point()
+              or x.device != hidden.device):
+            fail(name, x, f"a floating-point [N] = [{n_tokens}] tensor on {hidden.device}")
+        checked.append(x.contiguous() if x is not None else None)
+    return (hidden, weight, bias, targets, *checked)
+
+
+def _grad_buffers(hidden, weight, bias, needs_input_grad):
+    """Zeroed fp32 accumulators (grad_hidden, grad_weight, grad_bias), None where not needed."""
+    shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    wanted = (needs_input_grad[0], needs_input_grad[1], needs_input_grad[2] and bias is not None)
+    return tuple(torch.zeros(shape, dtype=torch.float32, device=hidden.device) if want else None
+                 for shape, want in zip(shapes, wanted))
+
+
+def _cast_grads(grads, hidden, weight, bias):
+    """Each grad in its input's dtype: the one rounding of the fp32 accumulation."""
+    return tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hidden, weight, bias)))
+
+
+def linear_grad_fused(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+                      entropy: Optional[Tensor], grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor],
+                      *, temperature: float = 1.0, ignore_index: int = -100,
+                      needs_input_grad: Tuple[bool, bool, bool] = (True, True, True),
+                      deterministic: bool = False, num_splits: Optional[int] = None
+                      ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Design (b): ``(grad_hidden, grad_weight, grad_bias)`` (None where not needed, or bias is None),
+    each in its input's dtype.  Shapes: hidden [N, H], weight [V, H], bias [V], targets/lse/entropy/grads [N].
+    ``deterministic=True`` uses no atomics (bitwise reproducible, one more logits recompute)."""
+    (hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+     grad_entropy) = _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+                                        grad_entropy, temperature, needs_input_grad, num_splits)
+    grads = _grad_buffers(hidden, weight, bias, needs_input_grad)
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    if n_tokens == 0 or all(g is None for g in grads) or (grad_logprobs is None and grad_entropy is None):
+        return _cast_grads(grads, hidden, weight, bias)
+
+    kernel, meta = tile_config.launch_params("linear_grad_fused", _linear_grad_fused_kernel,
+                                             reset_to_zero=("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"))
+
+    def launch(vocab_major, splits, grad_hidden, grad_weight, grad_bias):
+        inner = n_tokens if vocab_major else vocab
+        split_len = tile_config.split_size(inner, splits)
+        splits = -(-inner // split_len)
+
+        def grid(META):
+            return (triton.cdiv(vocab if vocab_major else n_tokens, META["BLOCK_V" if vocab_major else "BLOCK_N"]),
+                    splits)
+
+        kernel[grid](
+            hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+            grad_hidden, grad_weight, grad_bias,
+            n_tokens, vocab, dim, split_len,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            float(temperature), int(ignore_index),
+            VOCAB_MAJOR=vocab_major, HIDDEN_ATOMIC=vocab_major or splits > 1,
+            WEIGHT_ATOMIC=not vocab_major or splits > 1, **dot_meta(hidden.dtype), **meta)
+
+    grad_hidden, grad_weight, grad_bias = grads
+    if deterministic:
+        if grad_hidden is not None:
+            launch(False, 1, grad_hidden, None, None)
+        if grad_weight is not None or grad_bias is not None:
+            launch(True, 1, None, grad_weight, grad_bias)
+    else:
+        if num_splits is None:
+            token_blocks = -(-n_tokens // tile_config.default_config("linear_grad_fused").block_n)
+            num_splits = tile_config.num_splits(token_blocks, vocab, hidden.device)
+        launch(False, num_splits, grad_hidden, grad_weight, grad_bias)
+    return _cast_grads(grads, hidden, weight, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` works here (CUDA, torch >= 2.8) and
+    accumulates correctly; checked once on a tiny problem."""
+    try:
+        a = torch.arange(6, device=device).reshape(2, 3).to(dtype)
+        acc = torch.ones(2, 2, device=device)
+        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+        return bool(torch.equal(acc.cpu(), torch.tensor([[6.0, 15.0], [15.0, 51.0]])))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with fp32 accumulation and no rounding of the product to a 16-bit dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _fp32_out_gemm_ok(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def linear_grad_chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor,
+                        entropy: Optional[Tensor], grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor],
+                        *, temperature: float = 1.0, ignore_index: int = -100, chunk_size: int = 1024,
+                        needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)
+                        ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Design (a): same arguments and results as :func:`linear_grad_fused`; a [chunk_size, V] fp32 buffer
+    per token chunk, vendor GEMMs, and ``_dz_epilogue_kernel`` in between.  Deterministic."""
+    (hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+     grad_entropy) = _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+                                        grad_entropy, temperature, needs_input_grad)
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        fail("chunk_size", chunk_size, "a positive int")
+    _, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias, needs_input_grad)
+    # each grad_hidden row is one GEMM's fp32 sum over the whole vocab: written once, in hidden's dtype
+    grad_hidden = torch.zeros_like(hidden) if needs_input_grad[0] else None
+    grads = (grad_hidden, grad_weight, grad_bias)
+    n_tokens = hidden.shape[0]
+    vocab = weight.shape[0]
+    if n_tokens == 0 or all(g is None for g in grads) or (grad_logprobs is None and grad_entropy is None):
+        return _cast_grads(grads, hidden, weight, bias)
+
+    kernel, meta = tile_config.launch_params("dz_epilogue", _dz_epilogue_kernel, key=("N", "V"),
+                                             restore_value=("logits_ptr",))
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        h = hidden[start:stop]
+        logits = torch.zeros(stop - start, vocab, dtype=torch.float32, device=hidden.device)
+        _addmm_fp32_(logits, h, weight.t())
+
+        def grid(META):
+            return (triton.cdiv(stop - start, META["BLOCK_N"]), triton.cdiv(vocab, META["BLOCK_V"]))
+
+        kernel[grid](
+            logits, bias, targets[start:stop], lse[start:stop],
+            entropy[start:stop] if entropy is not None else None,
+            grad_logprobs[start:stop] if grad_logprobs is not None else None,
+            grad_entropy[start:stop] if grad_entropy is not None else None,
+            stop - start, vocab, logits.stride(0), float(temperature), int(ignore_index), **meta)
+        dz = logits
+        dz_op = dz.to(hidden.dtype)
+        if grad_hidden is not None:
+            torch.mm(dz_op, weight, out=grad_hidden[start:stop])
+        if grad_weight is not None:
+            _addmm_fp32_(grad_weight, dz_op.t(), h)
+        if grad_bias is not None:
+            grad_bias += dz.sum(0)
+        del logits, dz, dz_op
+    return _cast_grads(grads, hidden, weight, bias)

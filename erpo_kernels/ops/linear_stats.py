@@ -1,0 +1,192 @@
+"""Fused linear + online softmax: per-token log-prob of the target, entropy and logsumexp from hidden
+states, never materializing the [N, V] logits.
+
+torch: ``z = (hidden @ weight.T + bias).float() / T; lse = z.logsumexp(-1);``
+``logprobs = z[n, y_n] - lse`` (0 where ``y_n == ignore_index``); ``entropy = lse - (z.softmax(-1) * z).sum(-1)``.
+
+Grid ``(cdiv(N, BLOCK_N), splits)``: token blocks on axis 0 (unbounded), vocab splits on axis 1 (small).
+Each program streams the vocab tiles of its split, keeping per token the running max ``m``, the running
+``s = sum exp(z - m)`` and ``t = sum exp(z - m) * (z - m)``; ``m`` starts at -inf (never 0: rows of very
+negative logits).  Keeping ``t`` relative to the running max, not ``sum p z``, avoids the cancellation of
+``lse - sum p z`` when |z| is large; then ``H = log s - t / s`` (>= 0 term by term: t <= 0, s >= 1).
+``_linear_stats_merge_kernel`` merges the splits flash-decoding style: with M = max_k m_k and
+``w_k = exp(m_k - M)``: ``S = sum w_k s_k``, ``T = sum w_k (t_k + s_k (m_k - M))``, ``lse = M + log S``.
+The target logit is written by the one split whose range holds it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from erpo_kernels.ops import tile_config
+from erpo_kernels.ops._jit_helpers import _logits_tile, dot_meta
+from erpo_kernels.validation import fail
+
+Tensor = torch.Tensor
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _linear_stats_fwd_kernel(
+        # pointers
+        hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
+        part_max_ptr, part_sumexp_ptr, part_sumzexp_ptr, target_logit_ptr,
+        # sizes
+        N, V, H, split_cols, num_splits,
+        # strides
+        stride_hn, stride_hh, stride_wv, stride_wh,
+        # scalars
+        temperature, ignore_index,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    v_begin = pid_split * split_cols
+    v_end = tl.minimum(v_begin + split_cols, V)
+
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sumzexp = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m), <= 0
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                         stride_hn, stride_hh, stride_wv, stride_wh, temperature,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        # a row with every logit -inf so far keeps max -inf; shift by 0 there so no inf - inf appears
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(run_max - shift)
+        moved = tl.where(run_sumexp > 0, run_sumexp * (run_max - shift), 0.0)
+        zc = z - shift[:, None]
+        e = tl.exp(zc)
+        run_sumzexp = rescale * (run_sumzexp + moved) + tl.sum(tl.where(e > 0, e * zc, 0.0), axis=1)
+        run_sumexp = run_sumexp * rescale + tl.sum(e, axis=1)
+        run_max = new_max
+        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+
+    part = offs_n.to(tl.int64) * num_splits + pid_split
+    tl.store(part_max_ptr + part, run_max, mask=mask_n)
+    tl.store(part_sumexp_ptr + part, run_sumexp, mask=mask_n)
+    tl.store(part_sumzexp_ptr + part, run_sumzexp, mask=mask_n)
+    owns_target = mask_n & (targets >= v_begin) & (targets < v_end)
+    tl.store(target_logit_ptr + offs_n, target_logit, mask=owns_target)
+
+
+@triton.jit
+def _linear_stats_merge_kernel(
+        # pointers
+        part_max_ptr, part_sumexp_ptr, part_sumzexp_ptr, target_logit_ptr, targets_ptr,
+        logprobs_ptr, entropy_ptr, lse_ptr,
+        # sizes
+        N, num_splits,
+        # scalars
+        ignore_index,
+        # meta-parameters
+        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_s[None, :] < num_splits)
+    part = offs_n.to(tl.int64)[:, None] * num_splits + offs_s[None, :]
+    m = tl.load(part_max_ptr + part, mask=mask, other=float("-inf"))
+    s = tl.load(part_sumexp_ptr + part, mask=mask, other=0.0)
+    t = tl.load(part_sumzexp_ptr + part, mask=mask, other=0.0)
+    top = tl.max(m, axis=1)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - shift[:, None])
+    sumexp = tl.sum(w * s, axis=1)
+    moved = tl.where(s > 0, t + s * (m - shift[:, None]), 0.0)
+    sumzexp = tl.sum(w * moved, axis=1)
+    log_sumexp = tl.log(sumexp)
+    lse = top + log_sumexp
+    entropy = tl.where(sumexp > 0, log_sumexp - sumzexp / sumexp, 0.0)
+
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    valid = mask_n & (targets != ignore_index)
+    target_logit = tl.load(target_logit_ptr + offs_n, mask=valid, other=0.0)
+    logprobs = tl.where(valid, target_logit - lse, 0.0)
+    tl.store(logprobs_ptr + offs_n, logprobs, mask=mask_n)
+    tl.store(entropy_ptr + offs_n, entropy, mask=mask_n)
+    tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+
+
+def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor
+                        ) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Validate the operands shared by the forward and backward launchers; return them contiguous."""
+    if not isinstance(hidden, Tensor) or hidden.ndim != 2 or hidden.dtype not in INPUT_DTYPES:
+        fail("hidden", hidden, "a 2-D [N, H] tensor of dtype float16, bfloat16 or float32")
+    n_tokens, dim = hidden.shape
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != dim or weight.shape[0] < 1:
+        fail("weight", weight, f"a 2-D [V, H] tensor with V >= 1 and H = {dim} (hidden's last dim)")
+    if weight.dtype != hidden.dtype:
+        fail("weight", weight, f"dtype {hidden.dtype} (hidden's dtype)")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)
+                             or not bias.is_floating_point()):
+        fail("bias", bias, f"None or a floating-point [V] = [{weight.shape[0]}] tensor")
+    if not isinstance(targets, Tensor) or tuple(targets.shape) != (n_tokens,) or targets.dtype != torch.int64:
+        fail("targets", targets, f"an int64 [N] = [{n_tokens}] tensor")
+    for name, x in (("weight", weight), ("bias", bias), ("targets", targets)):
+        if x is not None and x.device != hidden.device:
+            fail(name, x, f"a tensor on {hidden.device} (hidden's device)")
+    contiguous = [x.contiguous() if x is not None else None for x in (hidden, weight, bias, targets)]
+    return tuple(contiguous)
+
+
+def check_launch_scalars(temperature: float, num_splits: Optional[int]) -> None:
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        fail("temperature", temperature, "a float > 0")
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        fail("num_splits", num_splits, "None (automatic) or an int >= 1")
+
+
+def linear_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     temperature: float = 1.0, ignore_index: int = -100, num_splits: Optional[int] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logprobs, entropy, lse)``, each fp32 [N], for hidden [N, H], weight [V, H], bias [V] or None,
+    targets int64 [N].  ``num_splits`` (vocab splits per token block) defaults to enough to fill the GPU.
+    A target outside [0, V) other than ``ignore_index`` gives a NaN log-prob (no device sync to check)."""
+    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    check_launch_scalars(temperature, num_splits)
+    n_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    logprobs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(logprobs)
+    lse = torch.empty_like(logprobs)
+    if n_tokens == 0:
+        return logprobs, entropy, lse
+
+    kernel, meta = tile_config.launch_params("linear_stats_fwd", _linear_stats_fwd_kernel)
+    if num_splits is None:
+        num_splits = tile_config.num_splits(-(-n_tokens // tile_config.default_config("linear_stats_fwd").block_n),
+                                            vocab, hidden.device)
+    split_cols = tile_config.split_size(vocab, num_splits)
+    splits = -(-vocab // split_cols)
+    partials = torch.empty(3, n_tokens, splits, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.full((n_tokens,), float("nan"), dtype=torch.float32, device=hidden.device)
+
+    def grid(META):
+        return (triton.cdiv(n_tokens, META["BLOCK_N"]), splits)
+
+    kernel[grid](
+        hidden, weight, bias, targets, partials[0], partials[1], partials[2], target_logit,
+        n_tokens, vocab, dim, split_cols, splits,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(temperature), int(ignore_index),
+        **dot_meta(hidden.dtype), **meta)
+
+    merge = tile_config.default_config("linear_stats_merge")
+    _linear_stats_merge_kernel[(triton.cdiv(n_tokens, merge.block_n),)](
+        partials[0], partials[1], partials[2], target_logit, targets, logprobs, entropy, lse,
+        n_tokens, splits, int(ignore_index),
+        BLOCK_N=merge.block_n, BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=merge.num_warps)
+    return logprobs, entropy, lse

@@ -1,0 +1,131 @@
+"""ops.buckets: the Triton advantage synthesis against the reference oracle (float64) and the torch twin."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from erpo_kernels import reference  # noqa: E402
+from erpo_kernels.advantages import compute_advantages, token_advantages  # noqa: E402
+from erpo_kernels.ops.buckets import token_advantages_triton  # noqa: E402
+from tests.helpers import assert_close, small_config  # noqa: E402
+
+FIELDS = ("advantages", "gate", "seq_advantage", "signal")
+
+
+def _inputs(B=10, T=37, group_sizes=(4, 3, 3), seed=0, mask_frac=0.25):
+    """Random float32 inputs; group 1 has all rewards equal (zero variance); group ids permuted and
+    non-consecutive; row 3 fully masked, row 5 has one completion token."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=gen) > mask_frac
+    mask[:, 0] = True
+    rewards = torch.randint(0, 2, (B,), generator=gen).float() + 0.1 * torch.randn(B, generator=gen)
+    gid = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    if len(group_sizes) > 1:
+        rewards[group_sizes[0]:group_sizes[0] + group_sizes[1]] = 1.0          # zero-variance group
+    if B > 5:
+        mask[3] = False
+        mask[5] = False
+        mask[5, T // 2] = True
+    entropy = torch.rand(B, T, generator=gen) * 3 + 0.01
+    old = -torch.rand(B, T, generator=gen) * 4
+    ref = (old - 0.3 * torch.randn(B, T, generator=gen)).clamp(max=-1e-3)
+    perm = torch.randperm(B, generator=gen)
+    return dict(rewards=rewards[perm], mask=mask[perm], group_ids=gid[perm] * 7 + 3, old_entropy=entropy[perm],
+                old_logprobs=old[perm], ref_logprobs=ref[perm])
+
+
+def _check(inputs, config, token_weights=None, gates=None, rtol=1e-5, atol=2e-6, device="cpu"):
+    """Triton (on ``device``) against the float64 reference and the float32 twin (both on the CPU)."""
+    x = inputs
+    args = (x["rewards"], x["mask"], x["group_ids"], x["old_entropy"], x["old_logprobs"], x["ref_logprobs"])
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = token_advantages_triton(*map(on, args), config, on(token_weights), on(gates))
+    got = type(got)(*(t.cpu() for t in got))
+    d = lambda t: None if t is None or t.dtype == torch.bool or not t.is_floating_point() else t.double()  # noqa
+    expected = reference.token_advantages(x["rewards"].double(), x["mask"], x["group_ids"], *map(d, args[3:]),
+                                          config, d(token_weights), d(gates))
+    for name in FIELDS:
+        assert getattr(got, name).dtype == x["old_entropy"].dtype, name
+        assert_close(getattr(got, name), expected[name], rtol=rtol, atol=atol, name=name)
+    assert torch.equal(got.bucket, expected["bucket"]), "bucket"
+    assert torch.equal(got.zero_var, expected["zero_var"]), "zero_var"
+    twin = token_advantages(*args, config, token_weights, gates)   # float32 torch twin: same buckets exactly
+    assert torch.equal(got.bucket, twin.bucket), "bucket vs twin"
+    return got
+
+
+CONFIGS = {
+    "erpo": small_config(),
+    "ep_grpo": small_config(mode="ep_grpo"),
+    "grpo": small_config(mode="grpo"),
+    "dapo": small_config(mode="dapo"),
+    "dr_grpo": small_config(mode="dr_grpo"),
+    "batch_scope": small_config(gate_scope="batch"),
+    "sequence_scope_normalize": small_config(gate_scope="sequence", gate_normalize=True),
+    "group_scope_normalize": small_config(gate_normalize=True, gate_gamma=2.0),
+    "topk_fallback": small_config(gate="topk", gate_top_frac=0.3, gate_normalize=True),
+    "no_bucket_normalize": small_config(bucket_normalize=False),
+    "cap": small_config(progress_cap_kappa=2.0),
+    "ep_grpo_cap_position": small_config(mode="ep_grpo", progress="position", progress_cap_kappa=1.5,
+                                         num_buckets=5),
+    "erpo_cum_entropy": small_config(progress="cum_entropy", num_buckets=4),
+    "one_bucket": small_config(num_buckets=1),
+    "many_buckets": small_config(mode="ep_grpo", num_buckets=23),
+    "no_progress_term": small_config(progress_term=False),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_matches_reference(config, device):
+    _check(_inputs(seed=list(CONFIGS.values()).index(config) % 3), config, device=device)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_token_weights_and_given_gates(seed, device):
+    x = _inputs(seed=seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    weights = torch.rand(x["mask"].shape, generator=gen) + 0.5
+    gates = torch.rand(x["mask"].shape, generator=gen) * 2
+    _check(x, small_config(mode="ep_grpo", progress_cap_kappa=3.0), token_weights=weights, gates=gates,
+           device=device)
+
+
+def test_without_reference_logprobs_progress_is_zero(device):
+    x = _inputs(seed=3)
+    x["ref_logprobs"] = None
+    got = _check(x, small_config(), device=device)
+    assert bool((got.signal == 0).all())
+
+
+@pytest.mark.parametrize("shape", [dict(B=1, T=1, group_sizes=(1,)), dict(B=3, T=1, group_sizes=(2, 1)),
+                                   dict(B=19, T=5, group_sizes=(17, 2))],
+                         ids=["single_token", "T1", "group_larger_than_block"])
+def test_odd_shapes(shape, device):
+    for config in (small_config(mode="ep_grpo", gate_normalize=True), small_config(gate_scope="batch")):
+        _check(_inputs(**shape, seed=4), config, device=device)
+
+
+def test_float64_inputs_match_reference_tightly(device):
+    x = {k: (v.double() if v.is_floating_point() else v) for k, v in _inputs(seed=5).items()}
+    got = _check(x, small_config(mode="ep_grpo", gate_normalize=True, progress_cap_kappa=2.0),
+                 rtol=1e-10, atol=1e-12, device=device)
+    assert got.advantages.dtype == torch.float64
+
+
+def test_cum_entropy_zero_row_falls_back_to_position(device):
+    x = _inputs(seed=6)
+    x["old_entropy"][2] = 0.0
+    _check(x, small_config(mode="ep_grpo", num_buckets=4), device=device)
+
+
+def test_compute_advantages_dispatches_to_triton(device):
+    x = {k: v.to(device) for k, v in _inputs(seed=7).items()}
+    config = small_config(mode="ep_grpo")
+    args = (x["rewards"], x["mask"], x["group_ids"], x["old_entropy"], x["old_logprobs"], x["ref_logprobs"], config)
+    got = compute_advantages(*args, backend="triton")
+    twin = compute_advantages(*args, backend="chunked")
+    for name in FIELDS:
+        assert_close(getattr(got, name), getattr(twin, name), name=name)
+    assert torch.equal(got.bucket, twin.bucket)

@@ -1,0 +1,129 @@
+"""``ops.linear_stats.linear_stats_fwd`` against the full-logits float64 reference (``backends.torch_full``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from erpo_kernels.backends import torch_full
+from erpo_kernels.ops.linear_stats import linear_stats_fwd
+from tests.helpers import assert_close
+
+
+def reference_stats(hidden, weight, bias, targets, temperature=1.0, ignore_index=-100):
+    """Float64 full-logits statistics of the given (possibly bf16-rounded) inputs, on the CPU."""
+    up = [x.detach().cpu().double() if x is not None else None for x in (hidden, weight, bias)]
+    return torch_full.linear_stats(*up, targets.cpu(), temperature=temperature, ignore_index=ignore_index)
+
+
+def check_stats(got, expected, targets, ignore_index, rtol, atol):
+    for name, g, e in zip(("logprobs", "entropy", "lse"), got, expected):
+        assert g.dtype == torch.float32, f"{name}: dtype {g.dtype}, expected float32"
+        assert_close(g, e, rtol=rtol, atol=atol, name=name)
+    logprobs, entropy, _ = got
+    assert bool((logprobs <= 0).all()), f"positive log-prob: max {float(logprobs.max())}"
+    assert bool((entropy >= 0).all()), f"negative entropy: min {float(entropy.min())}"
+    assert bool((logprobs[targets == ignore_index] == 0).all()), "ignored targets must give log-prob 0"
+
+
+# (N, H, V, dtype, bias, temperature, num_splits): odd sizes, V=1, V below one tile, several H chunks
+CASES = [
+    pytest.param(37, 24, 101, torch.float32, True, 0.7, None, id="odd-fp32-bias-T0.7"),
+    pytest.param(37, 24, 101, torch.float32, False, 1.0, 3, id="odd-fp32-nobias-3splits"),
+    pytest.param(19, 16, 1, torch.float32, True, 1.0, None, id="V1"),
+    pytest.param(21, 20, 7, torch.float32, False, 1.3, None, id="V-below-tile"),
+    pytest.param(20, 72, 40, torch.float32, True, 1.0, 2, id="H-several-chunks-2splits"),
+    pytest.param(37, 24, 101, torch.bfloat16, True, 0.7, 2, id="odd-bf16-bias-2splits"),
+    pytest.param(33, 16, 50, torch.float16, False, 1.0, None, id="fp16-nobias"),
+]
+
+
+@pytest.mark.parametrize("n_tokens,dim,vocab,dtype,with_bias,temperature,num_splits", CASES)
+def test_stats_match_reference(n_tokens, dim, vocab, dtype, with_bias, temperature, num_splits,
+                               make_linear_inputs):
+    hidden, weight, bias, targets = make_linear_inputs(n_tokens, dim, vocab, dtype=dtype, with_bias=with_bias)
+    got = linear_stats_fwd(hidden, weight, bias, targets, temperature=temperature, num_splits=num_splits)
+    expected = reference_stats(hidden, weight, bias, targets, temperature)
+    # inputs are rounded to ``dtype`` before the reference sees them: only fp32 accumulation differs
+    check_stats(got, expected, targets, -100, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_odd_shape_with_masked_tokens(make_linear_inputs):
+    """The shape every backend is checked on (N=257, H=96, V=1003), with ignored targets, bias, T != 1."""
+    hidden, weight, bias, targets = make_linear_inputs(257, 96, 1003, ignore_every=7)
+    got = linear_stats_fwd(hidden, weight, bias, targets, temperature=0.9)
+    expected = reference_stats(hidden, weight, bias, targets, 0.9)
+    check_stats(got, expected, targets, -100, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4], ids=["1split", "4splits"])
+def test_very_negative_logits(num_splits, make_linear_inputs):
+    """Every logit near -1e4: a running max initialised to 0 would underflow every exp to 0 (lse = -inf)."""
+    hidden, weight, bias, targets = make_linear_inputs(24, 16, 70, bias_shift=-1e4)
+    got = linear_stats_fwd(hidden, weight, bias, targets, num_splits=num_splits)
+    expected = reference_stats(hidden, weight, bias, targets)
+    assert bool(torch.isfinite(got[2]).all()), "lse must be finite"
+    # logits are rounded to fp32 at magnitude 1e4 (ulp ~1e-3): absolute tolerance, lse tight relative
+    check_stats(got, expected, targets, -100, rtol=1e-6, atol=5e-3)
+
+
+def test_custom_ignore_index(make_linear_inputs):
+    hidden, weight, bias, targets = make_linear_inputs(17, 16, 30, ignore_index=-1, ignore_every=3)
+    got = linear_stats_fwd(hidden, weight, bias, targets, ignore_index=-1)
+    expected = reference_stats(hidden, weight, bias, targets, ignore_index=-1)
+    check_stats(got, expected, targets, -1, rtol=2e-5, atol=2e-5)
+
+
+def test_non_contiguous_inputs(make_linear_inputs):
+    hidden, weight, bias, targets = make_linear_inputs(18, 16, 33)
+    hidden_t = hidden.t().contiguous().t()  # same values, column-major
+    weight_t = weight.t().contiguous().t()
+    got = linear_stats_fwd(hidden_t, weight_t, bias, targets)
+    check_stats(got, reference_stats(hidden, weight, bias, targets), targets, -100, 2e-5, 2e-5)
+
+
+def test_invalid_inputs_raise(make_linear_inputs):
+    hidden, weight, bias, targets = make_linear_inputs(8, 16, 20)
+    with pytest.raises(ValueError, match="weight"):
+        linear_stats_fwd(hidden, weight[:, :8], bias, targets)
+    with pytest.raises(ValueError, match="weight"):
+        linear_stats_fwd(hidden, weight.half(), bias, targets)
+    with pytest.raises(ValueError, match="hidden"):
+        linear_stats_fwd(hidden.double(), weight.double(), bias, targets)
+    with pytest.raises(ValueError, match="targets"):
+        linear_stats_fwd(hidden, weight, bias, targets.int())
+    with pytest.raises(ValueError, match="bias"):
+        linear_stats_fwd(hidden, weight, bias[:5], targets)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_stats_fwd(hidden, weight, bias, targets, temperature=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_stats_realistic_shape(dtype):
+    from erpo_kernels.backends import torch_chunked
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n_tokens, dim, vocab = 4096, 1024, 32000
+    hidden = torch.randn(n_tokens, dim, device="cuda", generator=gen).to(dtype)
+    weight = (torch.randn(vocab, dim, device="cuda", generator=gen) / dim ** 0.5).to(dtype)
+    targets = torch.randint(0, vocab, (n_tokens,), device="cuda", generator=gen)
+    got = linear_stats_fwd(hidden, weight, None, targets)
+    # fp32 reference on the same (rounded) inputs, chunked to bound memory
+    expected = torch_chunked.linear_stats(hidden.float(), weight.float(), None, targets, chunk_size=512)
+    for name, g, e in zip(("logprobs", "entropy", "lse"), got, expected):
+        assert_close(g, e, rtol=1e-4, atol=1e-3, name=name)
+
+
+@pytest.mark.gpu
+def test_more_tokens_than_a_grid_axis_holds():
+    """N > 65535 token blocks' worth would overflow grid axes 1/2; tokens must sit on axis 0."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n_tokens, dim, vocab = 70_000 * 16, 64, 300  # > 65535 blocks even with BLOCK_N = 16
+    hidden = torch.randn(n_tokens, dim, device="cuda", generator=gen)
+    weight = torch.randn(vocab, dim, device="cuda", generator=gen) / dim ** 0.5
+    targets = torch.randint(0, vocab, (n_tokens,), device="cuda", generator=gen)
+    got = linear_stats_fwd(hidden, weight, None, targets)
+    expected = torch_full.linear_stats(hidden, weight, None, targets)
+    for name, g, e in zip(("logprobs", "entropy", "lse"), got, expected):
+        assert_close(g, e, rtol=1e-4, atol=1e-4, name=name)
