@@ -22,8 +22,9 @@ from typing import Optional, Tuple
 import torch
 
 from erpo_kernels.backends.torch_chunked import resolve_chunk_size
-from erpo_kernels.ops.linear_grad import linear_grad_chunked, linear_grad_fused
-from erpo_kernels.ops.linear_stats import linear_stats_fwd
+from erpo_kernels.ops.linear_grad import (accumulate_chunk_grads, chunk_logits, dz_epilogue_, linear_grad_chunked,
+                                          linear_grad_fused)
+from erpo_kernels.ops.linear_stats import check_linear_inputs, logits_stats, linear_stats_fwd
 
 Tensor = torch.Tensor
 GRAD_DESIGNS = ("fused", "chunked")
@@ -58,3 +59,38 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     deterministic = os.environ.get("ERPO_TRITON_DETERMINISTIC", "0") == "1"
     return linear_grad_fused(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
                              deterministic=deterministic, **common)
+
+
+def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, coefficients, *,
+                       temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None,
+                       needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)):
+    """The 3-GEMM training sweep (design (a)); same contract as ``torch_chunked.linear_fused_train``.
+
+    Per token chunk: cuBLAS fp32 logits, ``logits_stats`` (one read), the caller's per-token
+    coefficients, ``dz_epilogue_`` in place (one read, one write), cuBLAS dX and dW.
+    """
+    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
+    n_tokens = hidden.shape[0]
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    want_h, want_w, want_b = needs_input_grad
+    grad_hidden = torch.empty_like(hidden) if want_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
+    grad_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=hidden.device) \
+        if want_b and bias is not None else None
+    stats = [torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_tokens))
+        h, tgt = hidden[rows], targets[rows]
+        logits = chunk_logits(h, weight)
+        logprobs, entropy, lse = logits_stats(logits, bias, tgt, temperature, ignore_index)
+        for out, value in zip(stats, (logprobs, entropy, lse)):
+            out[rows] = value
+        chunk_loss, grad_logprobs, grad_entropy = coefficients(rows.start, rows.stop, logprobs, entropy)
+        loss += chunk_loss
+        dz_epilogue_(logits, bias, tgt, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index)
+        accumulate_chunk_grads(logits, h, weight, None if grad_hidden is None else grad_hidden[rows],
+                               grad_weight, grad_bias)
+        del logits
+    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+    return (loss, *stats, grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias))

@@ -56,6 +56,22 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr,
 
 
 @triton.jit
+def _online_softmax_step(run_max, run_sumexp, run_sumzexp, z):
+    """Fold one fp32 tile z [BLOCK_N, BLOCK_V] (-inf where masked) into the per-row running
+    ``max``, ``sum exp(z - max)`` and ``sum exp(z - max) * (z - max)`` (see linear_stats.py)."""
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    # a row with every logit -inf so far keeps max -inf; shift by 0 there so no inf - inf appears
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp(run_max - shift)
+    moved = tl.where(run_sumexp > 0, run_sumexp * (run_max - shift), 0.0)
+    zc = z - shift[:, None]
+    e = tl.exp(zc)
+    run_sumzexp = rescale * (run_sumzexp + moved) + tl.sum(tl.where(e > 0, e * zc, 0.0), axis=1)
+    run_sumexp = run_sumexp * rescale + tl.sum(e, axis=1)
+    return new_max, run_sumexp, run_sumzexp
+
+
+@triton.jit
 def _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets,
              HAS_GRAD_LOGPROBS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
     """dz = g_lp * (onehot(y) - p) - g_H * p * (z - lse + H) with p = exp(z - lse), fp32 [BLOCK_N, BLOCK_V].

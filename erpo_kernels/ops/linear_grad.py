@@ -309,34 +309,53 @@ def linear_grad_chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     grad_hidden = torch.zeros_like(hidden) if needs_input_grad[0] else None
     grads = (grad_hidden, grad_weight, grad_bias)
     n_tokens = hidden.shape[0]
-    vocab = weight.shape[0]
     if n_tokens == 0 or all(g is None for g in grads) or (grad_logprobs is None and grad_entropy is None):
         return _cast_grads(grads, hidden, weight, bias)
 
-    kernel, meta = tile_config.launch_params("dz_epilogue", _dz_epilogue_kernel, key=("N", "V"),
-                                             restore_value=("logits_ptr",))
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         h = hidden[start:stop]
-        logits = torch.zeros(stop - start, vocab, dtype=torch.float32, device=hidden.device)
-        _addmm_fp32_(logits, h, weight.t())
-
-        def grid(META):
-            return (triton.cdiv(stop - start, META["BLOCK_N"]), triton.cdiv(vocab, META["BLOCK_V"]))
-
-        kernel[grid](
-            logits, bias, targets[start:stop], lse[start:stop],
-            entropy[start:stop] if entropy is not None else None,
-            grad_logprobs[start:stop] if grad_logprobs is not None else None,
-            grad_entropy[start:stop] if grad_entropy is not None else None,
-            stop - start, vocab, logits.stride(0), float(temperature), int(ignore_index), **meta)
-        dz = logits
-        dz_op = dz.to(hidden.dtype)
-        if grad_hidden is not None:
-            torch.mm(dz_op, weight, out=grad_hidden[start:stop])
-        if grad_weight is not None:
-            _addmm_fp32_(grad_weight, dz_op.t(), h)
-        if grad_bias is not None:
-            grad_bias += dz.sum(0)
-        del logits, dz, dz_op
+        logits = chunk_logits(h, weight)
+        rows = slice(start, stop)
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        dz_epilogue_(logits, bias, targets[rows], lse[rows], pick(entropy), pick(grad_logprobs),
+                     pick(grad_entropy), temperature, ignore_index)
+        accumulate_chunk_grads(logits, h, weight, pick(grad_hidden), grad_weight, grad_bias)
+        del logits
     return _cast_grads(grads, hidden, weight, bias)
+
+
+def chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """Raw fp32 logits h @ W^T [n, V] of one token chunk (vendor GEMM, fp32 accumulation and output)."""
+    logits = torch.zeros(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+    _addmm_fp32_(logits, h, weight.t())
+    return logits
+
+
+def dz_epilogue_(logits: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                 grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor], temperature: float,
+                 ignore_index: int) -> Tensor:
+    """Overwrite a chunk's raw fp32 logits [n, V] with dz / temperature (one read, one write); returns it."""
+    n_tokens, vocab = logits.shape
+    kernel, meta = tile_config.launch_params("dz_epilogue", _dz_epilogue_kernel, key=("N", "V"),
+                                             restore_value=("logits_ptr",))
+
+    def grid(META):
+        return (triton.cdiv(n_tokens, META["BLOCK_N"]), triton.cdiv(vocab, META["BLOCK_V"]))
+
+    kernel[grid](logits, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+                 n_tokens, vocab, logits.stride(0), float(temperature), int(ignore_index), **meta)
+    return logits
+
+
+def accumulate_chunk_grads(dz: Tensor, h: Tensor, weight: Tensor, grad_hidden_rows: Optional[Tensor],
+                           grad_weight: Optional[Tensor], grad_bias: Optional[Tensor]) -> None:
+    """grad_hidden_rows = dz @ W (written once, hidden's dtype); grad_weight += dz^T @ h and
+    grad_bias += dz.sum(0) into fp32 accumulators."""
+    dz_op = dz.to(h.dtype)
+    if grad_hidden_rows is not None:
+        torch.mm(dz_op, weight, out=grad_hidden_rows)
+    if grad_weight is not None:
+        _addmm_fp32_(grad_weight, dz_op.t(), h)
+    if grad_bias is not None:
+        grad_bias += dz.sum(0)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from erpo_kernels.ops import tile_config
-from erpo_kernels.ops._jit_helpers import _logits_tile, dot_meta
+from erpo_kernels.ops._jit_helpers import _logits_tile, _online_softmax_step, dot_meta
 from erpo_kernels.validation import fail
 
 Tensor = torch.Tensor
@@ -62,16 +62,7 @@ def _linear_stats_fwd_kernel(
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, H,
                          stride_hn, stride_hh, stride_wv, stride_wh, temperature,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # a row with every logit -inf so far keeps max -inf; shift by 0 there so no inf - inf appears
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(run_max - shift)
-        moved = tl.where(run_sumexp > 0, run_sumexp * (run_max - shift), 0.0)
-        zc = z - shift[:, None]
-        e = tl.exp(zc)
-        run_sumzexp = rescale * (run_sumzexp + moved) + tl.sum(tl.where(e > 0, e * zc, 0.0), axis=1)
-        run_sumexp = run_sumexp * rescale + tl.sum(e, axis=1)
-        run_max = new_max
+        run_max, run_sumexp, run_sumzexp = _online_softmax_step(run_max, run_sumexp, run_sumzexp, z)
         target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
 
     part = offs_n.to(tl.int64) * num_splits + pid_split
@@ -80,6 +71,44 @@ def _linear_stats_fwd_kernel(
     tl.store(part_sumzexp_ptr + part, run_sumzexp, mask=mask_n)
     owns_target = mask_n & (targets >= v_begin) & (targets < v_end)
     tl.store(target_logit_ptr + offs_n, target_logit, mask=owns_target)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _logits_stats_kernel(
+        # pointers (logits: raw h @ W^T in fp32, read once, left untouched)
+        logits_ptr, bias_ptr, targets_ptr, part_max_ptr, part_sumexp_ptr, part_sumzexp_ptr, target_logit_ptr,
+        # sizes
+        N, V,
+        # strides
+        stride_ln,
+        # scalars
+        temperature, ignore_index,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The online-softmax statistics of ``_linear_stats_fwd_kernel`` from a materialized logits chunk
+    (design (a) of the training sweep); one split per row, merged by ``_linear_stats_merge_kernel``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    rows = logits_ptr + offs_n.to(tl.int64)[:, None] * stride_ln
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sumzexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        acc = tl.load(rows + offs_v[None, :], mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(mask_v[None, :], acc / temperature, float("-inf"))
+        run_max, run_sumexp, run_sumzexp = _online_softmax_step(run_max, run_sumexp, run_sumzexp, z)
+        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+    tl.store(part_max_ptr + offs_n, run_max, mask=mask_n)
+    tl.store(part_sumexp_ptr + offs_n, run_sumexp, mask=mask_n)
+    tl.store(part_sumzexp_ptr + offs_n, run_sumzexp, mask=mask_n)
+    tl.store(target_logit_ptr + offs_n, target_logit, mask=mask_n)
 
 
 @triton.jit
@@ -159,11 +188,8 @@ def linear_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     check_launch_scalars(temperature, num_splits)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
-    logprobs = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty_like(logprobs)
-    lse = torch.empty_like(logprobs)
     if n_tokens == 0:
-        return logprobs, entropy, lse
+        return tuple(torch.empty(0, dtype=torch.float32, device=hidden.device) for _ in range(3))
 
     kernel, meta = tile_config.launch_params("linear_stats_fwd", _linear_stats_fwd_kernel)
     if num_splits is None:
@@ -184,9 +210,40 @@ def linear_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
         float(temperature), int(ignore_index),
         **dot_meta(hidden.dtype), **meta)
 
+    return _merge_partials(partials, target_logit, targets, splits, ignore_index)
+
+
+def _merge_partials(partials: Tensor, target_logit: Tensor, targets: Tensor, splits: int, ignore_index: int
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logprobs, entropy, lse)`` from per-split partials [3, N, splits] and the target logits [N]."""
+    n_tokens = targets.shape[0]
+    logprobs, entropy, lse = (torch.empty(n_tokens, dtype=torch.float32, device=targets.device) for _ in range(3))
     merge = tile_config.default_config("linear_stats_merge")
     _linear_stats_merge_kernel[(triton.cdiv(n_tokens, merge.block_n),)](
         partials[0], partials[1], partials[2], target_logit, targets, logprobs, entropy, lse,
         n_tokens, splits, int(ignore_index),
         BLOCK_N=merge.block_n, BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=merge.num_warps)
     return logprobs, entropy, lse
+
+
+def logits_stats(logits: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float = 1.0,
+                 ignore_index: int = -100) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logprobs, entropy, lse)`` fp32 [n] of a contiguous fp32 chunk ``logits`` [n, V] = h @ W^T (bias
+    and temperature not yet applied), read once.  Used by the 3-GEMM training sweep."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.dtype != torch.float32 \
+            or not logits.is_contiguous():
+        fail("logits", logits, "a contiguous fp32 [n, V] tensor")
+    if tuple(targets.shape) != (logits.shape[0],) or targets.dtype != torch.int64:
+        fail("targets", targets, f"an int64 [n] = [{logits.shape[0]}] tensor")
+    check_launch_scalars(temperature, None)
+    n_tokens, vocab = logits.shape
+    partials = torch.empty(3, n_tokens, 1, dtype=torch.float32, device=logits.device)
+    target_logit = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
+    kernel, meta = tile_config.launch_params("logits_stats", _logits_stats_kernel, key=("N", "V"))
+
+    def grid(META):
+        return (triton.cdiv(n_tokens, META["BLOCK_N"]),)
+
+    kernel[grid](logits, bias, targets, partials[0], partials[1], partials[2], target_logit,
+                 n_tokens, vocab, logits.stride(0), float(temperature), int(ignore_index), **meta)
+    return _merge_partials(partials, target_logit, targets, 1, ignore_index)

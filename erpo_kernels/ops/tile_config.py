@@ -22,6 +22,8 @@ Tuning notes (H100 guesses, not yet measured on a device; see bench/RESULTS.md o
   op_red").  Vocab-major order (``deterministic=True``) wants BLOCK_N large (it streams tokens).
 - ``dz_epilogue`` is elementwise over the [chunk, V] fp32 logits: pure bandwidth; 32x256 with 4 warps
   is a fine start, larger BLOCK_V (512, 1024) with 8 warps may help a little.
+- ``logits_stats`` streams a [chunk, V] fp32 logits buffer once (row-wise online softmax): pure
+  bandwidth, rows are independent; wide BLOCK_V tiles and few rows per program.
 - Compare the chunked design (logits recompute + 2 grad GEMMs in cuBLAS around the epilogue,
   ``ERPO_TRITON_GRAD=chunked``) with the fused one at N=32768, H=4096, V=151936 bf16 before changing
   the default in ``backends/triton.py``.
@@ -57,12 +59,14 @@ _GPU_DEFAULTS: Dict[str, TileConfig] = {
     "linear_stats_fwd": TileConfig(64, 128, 64, num_warps=8, num_stages=3),
     "linear_grad_fused": TileConfig(64, 128, 64, num_warps=8, num_stages=3),
     "dz_epilogue": TileConfig(32, 256, num_warps=4, num_stages=1),
+    "logits_stats": TileConfig(16, 1024, num_warps=8, num_stages=1),
     "linear_stats_merge": TileConfig(128, 16, num_warps=4, num_stages=1),  # [BLOCK_N, splits]; never tuned
 }
 _BLOCKS: Dict[str, Tuple[str, ...]] = {
     "linear_stats_fwd": ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
     "linear_grad_fused": ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
     "dz_epilogue": ("BLOCK_N", "BLOCK_V"),
+    "logits_stats": ("BLOCK_N", "BLOCK_V"),
 }
 _CANDIDATES: Dict[str, List[TileConfig]] = {
     "linear_stats_fwd": [TileConfig(n, v, h, w, s) for n, v, h, w, s in [
@@ -73,6 +77,8 @@ _CANDIDATES: Dict[str, List[TileConfig]] = {
         (128, 64, 64, 4, 3)]],
     "dz_epilogue": [TileConfig(n, v, 16, w, 1) for n, v, w in [
         (32, 256, 4), (16, 512, 4), (32, 1024, 8), (64, 256, 8)]],
+    "logits_stats": [TileConfig(n, v, 16, w, 1) for n, v, w in [
+        (16, 1024, 8), (8, 2048, 8), (32, 512, 4), (4, 4096, 8)]],
 }
 _INTERPRETER = TileConfig(32, 32, 32, num_warps=1, num_stages=1)
 # Inner-loop splits are aligned to this many columns (the largest candidate BLOCK_V), so every tile but
