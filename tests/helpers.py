@@ -58,3 +58,27 @@ def small_config(**overrides) -> ERPOConfig:
     """ERPOConfig with few buckets, so the small test batches fill each (group, bucket) cell."""
     overrides.setdefault("num_buckets", 3)
     return ERPOConfig(**overrides)
+
+
+# Advantage-synthesis variants every advantage backend is checked on (ids are the keys).
+ADVANTAGE_CONFIGS = {
+    "erpo": small_config(),
+    "ep_grpo": small_config(mode="ep_grpo"),
+    "grpo": small_config(mode="grpo"),
+    "dapo": small_config(mode="dapo"),
+    "dr_grpo": small_config(mode="dr_grpo"),
+    "batch_scope": small_config(gate_scope="batch"),
+    "sequence_scope_normalize": small_config(gate_scope="sequence", gate_normalize=True),
+    "group_scope_normalize": small_config(gate_normalize=True, gate_gamma=2.0),
+    "topk_fallback": small_config(gate="topk", gate_top_frac=0.3, gate_normalize=True),
+    "no_bucket_normalize": small_config(bucket_normalize=False),
+    "cap": small_config(progress_cap_kappa=2.0),
+    "ep_grpo_cap_position": small_config(mode="ep_grpo", progress="position", progress_cap_kappa=1.5,
+                                         num_buckets=5),
+    "erpo_cum_entropy": small_config(progress="cum_entropy", num_buckets=4),
+    "one_bucket": small_config(num_buckets=1),
+    "many_buckets": small_config(mode="ep_grpo", num_buckets=23),
+    "no_progress_term": small_config(progress_term=False),    "topk_group": small_config(gate="topk", gate_top_frac=0.3),
+    "topk_batch": small_config(gate="topk", gate_scope="batch"),
+    "ep_grpo_cap": small_config(mode="ep_grpo", progress_cap_kappa=1.5, num_buckets=5),
+}

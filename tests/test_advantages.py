@@ -4,6 +4,7 @@ import torch
 
 from erpo_kernels import ERPOConfig, erpo_advantages, reference
 from erpo_kernels.advantages import token_advantages
+from tests.helpers import ADVANTAGE_CONFIGS as CONFIGS
 from tests.helpers import assert_close, small_config
 
 
@@ -19,19 +20,6 @@ def _inputs(B=8, T=16, G=4, seed=0, mask_frac=0.25, dtype=torch.float64):
     return rewards, mask, torch.arange(B) // G, entropy, old_lp, ref_lp
 
 
-CONFIGS = {
-    "erpo": small_config(),
-    "ep_grpo": small_config(mode="ep_grpo"),
-    "grpo": small_config(mode="grpo"),
-    "dr_grpo": small_config(mode="dr_grpo"),
-    "batch_scope": small_config(gate_scope="batch"),
-    "seq_scope_normalized": small_config(gate_scope="sequence", gate_normalize=True),
-    "topk_group": small_config(gate="topk", gate_top_frac=0.3),
-    "topk_batch": small_config(gate="topk", gate_scope="batch"),
-    "no_bucket_norm": small_config(bucket_normalize=False),
-    "cap": small_config(progress_cap_kappa=2.0),
-    "ep_grpo_cap": small_config(mode="ep_grpo", progress_cap_kappa=1.5, num_buckets=5),
-}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))

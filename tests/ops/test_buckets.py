@@ -9,6 +9,7 @@ import torch  # noqa: E402
 from erpo_kernels import reference  # noqa: E402
 from erpo_kernels.advantages import compute_advantages, token_advantages  # noqa: E402
 from erpo_kernels.ops.buckets import token_advantages_triton  # noqa: E402
+from tests.helpers import ADVANTAGE_CONFIGS as CONFIGS  # noqa: E402
 from tests.helpers import assert_close, small_config  # noqa: E402
 
 FIELDS = ("advantages", "gate", "seq_advantage", "signal")
@@ -56,25 +57,6 @@ def _check(inputs, config, token_weights=None, gates=None, rtol=1e-5, atol=2e-6,
     return got
 
 
-CONFIGS = {
-    "erpo": small_config(),
-    "ep_grpo": small_config(mode="ep_grpo"),
-    "grpo": small_config(mode="grpo"),
-    "dapo": small_config(mode="dapo"),
-    "dr_grpo": small_config(mode="dr_grpo"),
-    "batch_scope": small_config(gate_scope="batch"),
-    "sequence_scope_normalize": small_config(gate_scope="sequence", gate_normalize=True),
-    "group_scope_normalize": small_config(gate_normalize=True, gate_gamma=2.0),
-    "topk_fallback": small_config(gate="topk", gate_top_frac=0.3, gate_normalize=True),
-    "no_bucket_normalize": small_config(bucket_normalize=False),
-    "cap": small_config(progress_cap_kappa=2.0),
-    "ep_grpo_cap_position": small_config(mode="ep_grpo", progress="position", progress_cap_kappa=1.5,
-                                         num_buckets=5),
-    "erpo_cum_entropy": small_config(progress="cum_entropy", num_buckets=4),
-    "one_bucket": small_config(num_buckets=1),
-    "many_buckets": small_config(mode="ep_grpo", num_buckets=23),
-    "no_progress_term": small_config(progress_term=False),
-}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
