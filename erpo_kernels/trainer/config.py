@@ -1,0 +1,138 @@
+"""TrainConfig: every knob of ``erpo-train`` in one typed dataclass, with ``--key=value`` overrides.
+
+The defaults finish on a 2-core CPU in a few minutes (the tiny preset, level-1 arithmetic).
+Overrides are parsed by the field's type (no ``exec``): ``--steps=100``, ``--algo grpo``,
+``--resume`` (a bare flag sets a bool to True), ``--model=/path/to/hf_dir``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+ALGOS = ("erpo", "ep_grpo", "grpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class TrainConfig:
+    # --- run ----------------------------------------------------------------------------------
+    out_dir: str = "runs/erpo-train"    # metrics.jsonl, checkpoints, summary, plots
+    seed: int = 0
+    device: str = "auto"                # "auto" = cuda if available (Triton backend), else cpu
+    threads: int = 1                    # CPU threads for torch; tiny models run fastest on 1; 0 = torch default
+    resume: bool = False                # continue from out_dir/ckpt (model, optimizer, RNG, step)
+    compare: str = ""                   # e.g. "grpo,erpo": one run per algo, same seed and budget
+    stop_after: int = 0                 # stop (with a checkpoint) after this step; 0 = run to `steps`
+    # --- model --------------------------------------------------------------------------------
+    model: str = "tiny"                 # preset ("tiny", "tiny-llama", "small", "base") or local HF dir
+    dtype: str = "float32"              # parameter dtype ("bfloat16" on a GPU)
+    # --- task ---------------------------------------------------------------------------------
+    task: str = "arith"                 # "arith" | "word" | "countdown" | "mix" | path to a .jsonl
+    level: int = 1                      # difficulty 1..3 of the generated tasks
+    format_reward: float = 0.0          # added to the reward for a well-formed "<work>#<answer>"
+    max_new_tokens: int = 16            # completion budget per sample
+    num_eval: int = 64                  # held-out problems (never seen in training)
+    # --- supervised warm-up (gives a fresh preset non-zero reward before RL) -------------------
+    warmup_steps: int = 150             # 0 to skip; skipped anyway for a local --model
+    warmup_batch: int = 32
+    warmup_lr: float = 3e-3
+    # --- rollout ------------------------------------------------------------------------------
+    rollout: str = "hf"                 # "hf" (model.generate) or "vllm" (extra `vllm`)
+    prompts_per_step: int = 16
+    group_size: int = 8                 # G samples per prompt
+    temperature: float = 1.0            # sampling temperature; the loss uses the same one
+    # --- RL update ----------------------------------------------------------------------------
+    algo: str = "erpo"                  # "erpo" | "ep_grpo" | "grpo" | "dapo" | "dr_grpo"
+    steps: int = 300                    # rollout batches
+    updates_per_batch: int = 2          # optimizer steps on each batch (PPO-style reuse)
+    micro_batch: int = 64               # rows per forward/backward (a multiple of group_size)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    kl_beta: float = 0.0                # KL to the frozen reference (ERPOConfig.kl_beta)
+    entropy_coef: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    backend: str = "auto"               # erpo_kernels backend: "auto" = Triton on CUDA, chunked torch on CPU
+    # --- logging, evaluation, checkpoints -----------------------------------------------------
+    eval_every: int = 50                # greedy accuracy and pass@k on the held-out set; 0 = only at the ends
+    pass_k: int = 4
+    ckpt_every: int = 100               # 0 = only at the end
+    progress: bool = True               # tqdm bar
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo: got {self.algo!r}, expected one of {ALGOS}")
+        if self.rollout not in ("hf", "vllm"):
+            raise ValueError(f"rollout: got {self.rollout!r}, expected 'hf' or 'vllm'")
+        if self.micro_batch % self.group_size:
+            raise ValueError(f"micro_batch ({self.micro_batch}) must be a multiple of group_size "
+                             f"({self.group_size}): a group's advantages need all its rows")
+        for name in ("steps", "group_size", "prompts_per_step", "updates_per_batch", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, expected >= 1")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(name: str, kind, text: str):
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: got {text!r}, expected true or false")
+    if origin in (list, List):
+        (item,) = typing.get_args(kind)
+        return [item(part) for part in text.split(",") if part]
+    if origin is typing.Union:  # Optional[X]
+        if text.lower() == "none":
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name}: got {text!r}, expected a {kind.__name__}") from None
+
+
+def parse_args(argv: Optional[List[str]] = None, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """``--key=value`` / ``--key value`` / ``--flag`` (bools) over ``base`` (default TrainConfig())."""
+    hints = typing.get_type_hints(TrainConfig)
+    changes, args = {}, list(argv or [])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: options look like --key=value")
+        key, has_value, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in hints:
+            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(hints))}")
+        if not has_value:
+            next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            if hints[key] is bool and not next_is_value:
+                value = "true"
+            elif next_is_value:
+                i += 1
+                value = args[i]
+            else:
+                raise ValueError(f"--{key} needs a value")
+        changes[key] = _convert(key, hints[key], value)
+        i += 1
+    return (base or TrainConfig()).replace(**changes)
+
+
+def describe(config: TrainConfig) -> str:
+    """The non-default fields, as the overrides that would reproduce this config."""
+    default = TrainConfig()
+    parts = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value != getattr(default, f.name):
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            parts.append(f"--{f.name}={shown}")
+    return " ".join(parts) or "(defaults)"
