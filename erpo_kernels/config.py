@@ -74,7 +74,7 @@ class ERPOConfig:
     max_length: Optional[int] = None       # "constant" divisor length; None = padded T
     # --- plumbing ----------------------------------------------------------------------
     ignore_index: int = -100
-    chunk_size: Optional[int] = None       # tokens per [chunk, V] logits block; None = ~32 MiB of fp32 logits
+    chunk_size: Optional[int] = None       # tokens per [chunk, V] logits block; None = 32 MiB (CPU) / 1 GiB (CUDA)
     fused_train: bool = True               # 3-matmul sweep (loss + grads at once) where it applies
 
     def __post_init__(self):

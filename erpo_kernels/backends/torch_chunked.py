@@ -33,15 +33,19 @@ def compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-# One [chunk, V] fp32 buffer of about 32 MiB: the chunked path holds a few of these at once.
-AUTO_CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Elements of one [chunk, V] fp32 logits buffer when chunk_size is None.  CPU: 32 MiB (the chunked
+# path holds a few such buffers; cache-friendly).  CUDA: 1 GiB, so that the vendor GEMMs of the
+# Triton sweep see >= ~1700 tokens at V = 151936 (a 55-token chunk would starve the tensor cores);
+# an untuned guess until measured on a GPU (bench/RESULTS.md).
+AUTO_CHUNK_ELEMENTS = {"cpu": 8 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
 
 
-def resolve_chunk_size(chunk_size: Optional[int], vocab: int) -> int:
-    """``chunk_size`` tokens, or (None) as many as keep one fp32 [chunk, V] buffer near 32 MiB."""
+def resolve_chunk_size(chunk_size: Optional[int], vocab: int, device: Optional[torch.device] = None) -> int:
+    """``chunk_size`` tokens, or (None) as many as fill one fp32 [chunk, V] buffer of the device's budget."""
     if chunk_size is not None:
         return chunk_size
-    return max(16, AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+    budget = AUTO_CHUNK_ELEMENTS["cuda" if device is not None and device.type == "cuda" else "cpu"]
+    return max(16, budget // max(vocab, 1))
 
 
 def _chunk_stats(z: Tensor, targets: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -113,7 +117,7 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     ``entropy = lse - (softmax(z) * z).sum(-1)``.
     """
     n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
     outputs = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
@@ -136,7 +140,7 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     :func:`_chunk_dz_` (ERPO_SPEC.md, "Gradient of the fused part"), logits recomputed per chunk.
     """
     n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
     grads = _GradAccumulator(hidden, weight, bias, needs_input_grad)
     pick = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
     for start in range(0, n_tokens, chunk_size):
@@ -162,7 +166,7 @@ def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     every token's coefficient depends only on that token (old entropy known, linear aggregation).
     """
     n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
     grads = _GradAccumulator(hidden, weight, bias, needs_input_grad)
     stats = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
     loss = hidden.new_zeros((), dtype=compute_dtype(hidden))

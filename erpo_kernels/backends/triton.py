@@ -55,7 +55,8 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     common = dict(temperature=temperature, ignore_index=ignore_index, needs_input_grad=needs_input_grad)
     if grad_design() == "chunked":
         return linear_grad_chunked(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                                   chunk_size=resolve_chunk_size(chunk_size, weight.shape[0]), **common)
+                                   chunk_size=resolve_chunk_size(chunk_size, weight.shape[0], hidden.device),
+                                   **common)
     deterministic = os.environ.get("ERPO_TRITON_DETERMINISTIC", "0") == "1"
     return linear_grad_fused(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
                              deterministic=deterministic, **common)
@@ -71,7 +72,7 @@ def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     """
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
     n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0])
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
     want_h, want_w, want_b = needs_input_grad
     grad_hidden = torch.empty_like(hidden) if want_h else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
