@@ -6,7 +6,7 @@ buckets for readability); here every per-cell statistic is one ``scatter_add`` o
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -32,20 +32,27 @@ class Advantages(NamedTuple):
     zero_var: Tensor
 
 
-def segment_mean_std(values: Tensor, cells: Tensor, valid: Tensor, num_cells: int
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+def segment_mean_std(values: Tensor, cells: Tensor, valid: Tensor, num_cells: int,
+                     all_reduce: Optional[Callable[[Tensor], None]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-element mean, population std and count of its cell, over the ``valid`` elements.
 
     values, cells (int64 in [0, num_cells)), valid (bool): same shape.  Two passes (mean, then
     squared deviations) so the variance never suffers the E[x^2] - E[x]^2 cancellation.
+    ``all_reduce`` (an in-place sum over ranks) makes the statistics span every rank's elements.
     """
+    reduce = all_reduce or (lambda x: None)
     flat_values, flat_cells = values.reshape(-1), cells.reshape(-1)
     weights = valid.reshape(-1).to(values.dtype)
     count = torch.zeros(num_cells, dtype=values.dtype, device=values.device).index_add_(0, flat_cells, weights)
     total = torch.zeros_like(count).index_add_(0, flat_cells, flat_values * weights)
+    sums = torch.stack([count, total])
+    reduce(sums)
+    count, total = sums[0], sums[1]
     mean = total / count.clamp_min(1.0)
     deviation = (flat_values - mean[flat_cells]) * weights
-    var = torch.zeros_like(count).index_add_(0, flat_cells, deviation * deviation) / count.clamp_min(1.0)
+    squares = torch.zeros_like(count).index_add_(0, flat_cells, deviation * deviation)
+    reduce(squares)
+    var = squares / count.clamp_min(1.0)
     shape = values.shape
     return mean[flat_cells].reshape(shape), var.sqrt()[flat_cells].reshape(shape), count[flat_cells].reshape(shape)
 
@@ -56,11 +63,18 @@ def dense_group_index(group_ids: Tensor) -> Tuple[Tensor, int]:
     return inverse, unique.numel()
 
 
+def global_sum(x: Tensor) -> None:
+    """In-place sum over the ranks of torch.distributed's default group (a no-op when not initialized)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+
+
 def _gate_cells(group_index: Tensor, num_groups: int, shape, scope: str) -> Tuple[Tensor, int]:
     B, T = shape
     if scope == "group":
         return group_index[:, None].expand(B, T), num_groups
-    if scope == "batch":
+    if scope in ("batch", "global"):
         return torch.zeros(B, T, dtype=torch.long, device=group_index.device), 1
     return torch.arange(B, device=group_index.device)[:, None].expand(B, T), B
 
@@ -95,7 +109,8 @@ def entropy_gate(entropy: Tensor, mask: Tensor, group_index: Tensor, num_groups:
         return mask.to(entropy.dtype)
     cells, num_cells = _gate_cells(group_index, num_groups, mask.shape, config.gate_scope)
     if config.gate == "sigmoid":
-        mu, sigma, _ = segment_mean_std(entropy, cells, mask, num_cells)
+        reduce = global_sum if config.gate_scope == "global" else None
+        mu, sigma, _ = segment_mean_std(entropy, cells, mask, num_cells, reduce)
         z = torch.where(sigma > config.eps, (entropy - mu) / (sigma + config.eps), torch.zeros_like(entropy))
         gate = torch.sigmoid(config.gate_gamma * z) * mask
     else:

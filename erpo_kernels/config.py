@@ -13,7 +13,7 @@ from typing import Optional
 
 MODES = ("erpo", "ep_grpo", "grpo", "dapo", "dr_grpo")
 GATES = ("sigmoid", "topk", "none")
-GATE_SCOPES = ("group", "batch", "sequence")
+GATE_SCOPES = ("group", "batch", "sequence", "global")
 PROGRESS = ("position", "cum_entropy")
 POLARITIES = ("erpo", "ep_grpo")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "holder")
@@ -47,7 +47,8 @@ class ERPOConfig:
     # --- (i) entropy gate --------------------------------------------------------------
     gate: Optional[str] = None             # "sigmoid" | "topk" (hard, top fraction) | "none" (W = 1)
     gate_gamma: float = 5.0
-    gate_scope: str = "group"              # statistics of z (or the top-k threshold) over ...
+    gate_scope: str = "group"              # z statistics over the group | batch | sequence | global
+                                           # ("global": the batch of every rank, via torch.distributed)
     gate_normalize: bool = False           # rescale W to mean 1 over each sequence's tokens
     gate_top_frac: float = 0.2
     # --- (ii) implicit progress signal and buckets -------------------------------------
@@ -119,6 +120,9 @@ class ERPOConfig:
             positive(name, allow_zero=True)
         positive("progress_cap_kappa", optional=True)
         positive("dual_clip_c", optional=True)
+        if self.gate == "topk" and self.gate_scope == "global":
+            raise ValueError("ERPOConfig.gate_scope: got 'global' with gate='topk', expected 'group', 'batch' "
+                             "or 'sequence' (a cross-rank top-k threshold is not implemented)")
         if not 0.0 < self.gate_top_frac <= 1.0:
             raise ValueError(f"ERPOConfig.gate_top_frac: got {self.gate_top_frac!r}, expected 0 < x <= 1")
         if self.eps_low >= 1.0:

@@ -73,7 +73,7 @@ def outcome_advantage(rewards: Tensor, group_ids: Tensor, config: ERPOConfig) ->
 def _scope_cells(mask: Tensor, group_ids: Tensor, scope: str):
     """Yield boolean [B, T] masks, one per statistics cell of the gate scope."""
     B = mask.shape[0]
-    if scope == "batch":
+    if scope in ("batch", "global"):  # the oracle is one process: global is its whole batch
         yield mask
     elif scope == "group":
         for g in group_ids.unique():

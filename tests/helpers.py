@@ -81,4 +81,5 @@ ADVANTAGE_CONFIGS = {
     "no_progress_term": small_config(progress_term=False),    "topk_group": small_config(gate="topk", gate_top_frac=0.3),
     "topk_batch": small_config(gate="topk", gate_scope="batch"),
     "ep_grpo_cap": small_config(mode="ep_grpo", progress_cap_kappa=1.5, num_buckets=5),
+    "global_scope_one_process": small_config(gate_scope="global"),
 }

@@ -54,3 +54,8 @@ def test_replace_mode_reapplies_preset():
     cfg = ERPOConfig(mode="erpo", gate_gamma=2.0).replace(mode="grpo")
     assert (cfg.gate, cfg.aggregation, cfg.gate_gamma) == ("none", "seq_mean_token_mean", 2.0)
     assert ERPOConfig(mode="grpo").replace(eps_high=0.2).aggregation == "seq_mean_token_mean"
+
+
+def test_topk_gate_has_no_global_scope():
+    with pytest.raises(ValueError, match="ERPOConfig.gate_scope"):
+        ERPOConfig(gate="topk", gate_scope="global")

@@ -18,7 +18,8 @@ so results are deterministic:
 
 Statistics run in fp32 (fp64 for fp64 inputs); outputs have ``old_entropy``'s dtype. The hard
 ``gate="topk"`` falls back to the torch implementation (:func:`erpo_kernels.advantages.entropy_gate`,
-a segmented sort), and its W then enters the synthesis kernel like caller-given gates. The batch
+a segmented sort), and its W then enters the synthesis kernel like caller-given gates; so does
+``gate_scope="global"`` (its statistics need a torch.distributed all-reduce). The batch
 gate scope is one cell, so one program reads every token (twice): fine at [tokens] size.
 The dense group mapping (torch.unique) and the row order of each cell (a stable argsort) are [B]-sized
 torch glue.
@@ -45,7 +46,7 @@ MAX_SUB_TILE = 8192
 BLOCK_ROWS = 128
 INTERPRETER_BLOCK = 16
 _GATE_NONE, _GATE_SIGMOID, _GATE_GIVEN = 0, 1, 2
-_SCOPES = {"group": 0, "batch": 1, "sequence": 2}
+_SCOPES = {"group": 0, "batch": 1, "sequence": 2, "global": 1}  # global: gate computed in torch
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -390,7 +391,7 @@ def token_advantages_triton(rewards: Tensor, mask: Tensor, group_ids: Tensor, ol
     gate_mode, gate_stats = _GATE_NONE, (None, None)
     if gates is not None:
         gate_mode = _GATE_GIVEN
-    elif config.gate == "topk":
+    elif config.gate == "topk" or config.gate_scope == "global":  # the torch gate (global: all-reduced stats)
         gate_mode, gates = _GATE_GIVEN, entropy_gate(entropy, mask, group_index, num_groups, config)
     elif config.gate == "sigmoid":
         gate_mode = _GATE_SIGMOID
