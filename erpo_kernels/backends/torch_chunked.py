@@ -12,20 +12,31 @@ import torch
 Tensor = torch.Tensor
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
-    """Logits z = (h W^T + b) / temperature for one token chunk, [n, V], in fp32 (fp64 for fp64 inputs).
+class _Workspace:
+    """Two [chunk, V] buffers allocated once per call and reused by every chunk: the logits (turned
+    into dz in place) and a scratch buffer.  Allocating fresh [chunk, V] temporaries per chunk lets
+    the allocator's free lists fragment, and the process's resident memory creeps past the few
+    buffers the algorithm needs."""
 
-    In place after the matmul: each extra [n, V] temporary is memory the chunked path promises not to use.
-    """
-    dtype = compute_dtype(hidden)
-    logits = hidden @ weight.t()
-    if logits.dtype != dtype:
-        logits = logits.to(dtype)
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.scratch = torch.empty_like(self.logits)
+
+    def views(self, rows: int) -> Tuple[Tensor, Tensor]:
+        return self.logits[:rows], self.scratch[:rows]
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, out: Tensor) -> Tensor:
+    """``out`` = (h W^T + b) / temperature for one token chunk, [n, V], in ``out``'s (compute) dtype."""
+    if hidden.dtype == out.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    else:  # bf16 / fp16 matmul, upcast once (as trainers do)
+        out.copy_(hidden @ weight.t())
     if bias is not None:
-        logits.add_(bias)
+        out.add_(bias)
     if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
+        out.div_(temperature)
+    return out
 
 
 def compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -48,24 +59,36 @@ def resolve_chunk_size(chunk_size: Optional[int], vocab: int, device: Optional[t
     return max(16, budget // max(vocab, 1))
 
 
-def _chunk_stats(z: Tensor, targets: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logprobs, entropy, lse) [n] of one chunk's logits z [n, V]; z is left untouched."""
-    lse = torch.logsumexp(z, dim=-1)
+def _chunk_stats_(z: Tensor, targets: Tensor, ignore_index: int, scratch: Tensor
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, lse, row_max) [n] of one chunk's logits z [n, V].
+
+    Centers z in place (z -= row max) so the entropy is computed without the cancellation of
+    ``lse - sum p z`` at large |z|: with zc = z - m, e = exp(zc), s = sum e:
+    ``lse = m + log s`` and ``H = log s - sum(e zc) / s``.
+    """
     valid = targets != ignore_index
     picked = z.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    row_max = z.amax(-1)
+    zc = z.sub_(row_max[:, None])
+    e = torch.exp(zc, out=scratch)
+    sum_e = e.sum(-1)
+    # e * zc is NaN only for e = 0, zc = -inf (a -inf bias), whose term is 0
+    sum_e_zc = e.mul_(zc).nan_to_num_(nan=0.0).sum(-1)
+    log_sum_e = sum_e.log()
+    lse = row_max + log_sum_e
     logprobs = torch.where(valid, picked - lse, 0.0)
-    # H = lse - sum p z; p * z is NaN only for p = 0, z = -inf (a -inf bias), whose term is 0
-    p_times_z = torch.sub(z, lse[:, None]).exp_().mul_(z).nan_to_num_(nan=0.0)
-    return logprobs, lse - p_times_z.sum(-1), lse
+    return logprobs, log_sum_e - sum_e_zc / sum_e, lse, row_max
 
 
 def _chunk_dz_(z: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, grad_logprobs: Optional[Tensor],
-               grad_entropy: Optional[Tensor], ignore_index: int, temperature: float) -> Tensor:
+               grad_entropy: Optional[Tensor], ignore_index: int, temperature: float, scratch: Tensor) -> Tensor:
     """Turn one chunk's logits z [n, V] into dz = d(loss)/d(h W^T + b), in z's own buffer.
 
     ``dz = (g_lp * (onehot(y) - p) - g_H * p * (z - lse + H)) / temperature``, p = exp(z - lse).
+    z and lse may share any per-row shift (only z - lse enters).
     """
-    probs = torch.sub(z, lse[:, None]).exp_()
+    probs = torch.sub(z, lse[:, None], out=scratch).exp_()
     if grad_entropy is not None:
         shift = (lse - entropy)[:, None]
         dz = z.sub_(shift).mul_(probs).nan_to_num_(nan=0.0).mul_(-grad_entropy[:, None].to(z.dtype))
@@ -95,9 +118,12 @@ class _GradAccumulator:
 
     def add(self, start: int, stop: int, h: Tensor, dz: Tensor) -> None:
         if self.grad_hidden is not None:
-            self.grad_hidden[start:stop] = (dz.to(self.weight.dtype) @ self.weight).to(self.grad_hidden.dtype)
+            if dz.dtype == self.weight.dtype:
+                torch.mm(dz, self.weight, out=self.grad_hidden[start:stop])
+            else:
+                self.grad_hidden[start:stop] = dz.to(self.weight.dtype) @ self.weight
         if self.grad_weight is not None:
-            self.grad_weight += dz.t() @ h.to(dz.dtype)
+            self.grad_weight.addmm_(dz.t(), h.to(dz.dtype))
         if self.grad_bias is not None:
             self.grad_bias += dz.sum(0)
 
@@ -119,12 +145,13 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     n_tokens = hidden.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
     outputs = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
+    work = _Workspace(min(chunk_size, n_tokens), weight.shape[0], compute_dtype(hidden), hidden.device)
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
-        z = _chunk_logits(hidden[start:stop], weight, bias, temperature)
-        for out, value in zip(outputs, _chunk_stats(z, targets[start:stop], ignore_index)):
+        z, scratch = work.views(stop - start)
+        _chunk_logits(hidden[start:stop], weight, bias, temperature, out=z)
+        for out, value in zip(outputs, _chunk_stats_(z, targets[start:stop], ignore_index, scratch)[:3]):
             out[start:stop] = value
-        del z
     return tuple(outputs)
 
 
@@ -142,15 +169,17 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     n_tokens = hidden.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
     grads = _GradAccumulator(hidden, weight, bias, needs_input_grad)
+    work = _Workspace(min(chunk_size, n_tokens), weight.shape[0], compute_dtype(hidden), hidden.device)
     pick = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         h = hidden[start:stop]
-        z = _chunk_logits(h, weight, bias, temperature)
+        z, scratch = work.views(stop - start)
+        _chunk_logits(h, weight, bias, temperature, out=z)
         dz = _chunk_dz_(z, lse[start:stop], entropy[start:stop], targets[start:stop],
-                        pick(grad_logprobs, start, stop), pick(grad_entropy, start, stop), ignore_index, temperature)
+                        pick(grad_logprobs, start, stop), pick(grad_entropy, start, stop), ignore_index, temperature,
+                        scratch)
         grads.add(start, stop, h, dz)
-        del z, dz
     return grads.result()
 
 
@@ -170,16 +199,18 @@ def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     grads = _GradAccumulator(hidden, weight, bias, needs_input_grad)
     stats = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
     loss = hidden.new_zeros((), dtype=compute_dtype(hidden))
+    work = _Workspace(min(chunk_size, n_tokens), weight.shape[0], compute_dtype(hidden), hidden.device)
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         h, tgt = hidden[start:stop], targets[start:stop]
-        z = _chunk_logits(h, weight, bias, temperature)
-        logprobs, entropy, lse = _chunk_stats(z, tgt, ignore_index)
+        z, scratch = work.views(stop - start)
+        _chunk_logits(h, weight, bias, temperature, out=z)
+        logprobs, entropy, lse, row_max = _chunk_stats_(z, tgt, ignore_index, scratch)  # z is now z - row_max
         for out, value in zip(stats, (logprobs, entropy, lse)):
             out[start:stop] = value
         chunk_loss, grad_logprobs, grad_entropy = coefficients(start, stop, logprobs, entropy)
         loss += chunk_loss
-        dz = _chunk_dz_(z, lse, entropy, tgt, grad_logprobs, grad_entropy, ignore_index, temperature)
+        dz = _chunk_dz_(z, lse - row_max, entropy, tgt, grad_logprobs, grad_entropy, ignore_index, temperature,
+                        scratch)
         grads.add(start, stop, h, dz)
-        del z, dz
     return (loss, *stats, *grads.result())
