@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from erpo_kernels import reference
-from erpo_kernels.backends import resolve_backend_name
+from erpo_kernels.backends import get_backend
 from erpo_kernels.config import ERPOConfig
 
 Tensor = torch.Tensor
@@ -171,28 +171,29 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
     return Advantages(adv.detach(), gate.detach(), seq_adv.detach(), bucket, signal.detach(), zero_var)
 
 
+def reference_token_advantages(*args) -> Advantages:
+    """:func:`erpo_kernels.reference.token_advantages` (same arguments) as an :class:`Advantages`."""
+    out = reference.token_advantages(*args)
+    return Advantages(out["advantages"], out["gate"], out["seq_advantage"], out["bucket"], out["signal"],
+                      out["zero_var"])
+
+
 def compute_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entropy: Tensor,
                        old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], config: ERPOConfig,
                        token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None,
-                       backend: str = "auto") -> Advantages:
-    """Dispatch the (already validated) advantage synthesis to a backend.
+                       backend="auto") -> Advantages:
+    """Dispatch the (already validated) advantage synthesis to a backend: a name, or a backend module
+    from :func:`erpo_kernels.backends.get_backend` (its ``token_advantages``, else this module's).
 
     Values off the mask are zeroed first: padding may hold NaN or inf, and 0 * NaN is NaN.
     """
-    name = resolve_backend_name(backend, old_entropy.device)
+    module = get_backend(backend, old_entropy.device) if isinstance(backend, str) else backend
+    synthesize = getattr(module, "token_advantages", token_advantages)
     mask = mask.bool()
     on_mask = lambda x: None if x is None else torch.where(mask, x, torch.zeros_like(x))  # noqa: E731
     old_entropy, old_logprobs, ref_logprobs = on_mask(old_entropy), on_mask(old_logprobs), on_mask(ref_logprobs)
     token_weights, gates = on_mask(token_weights), on_mask(gates)
-    args = (rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config, token_weights, gates)
-    if name == "torch":
-        out = reference.token_advantages(*args)
-        return Advantages(out["advantages"], out["gate"], out["seq_advantage"], out["bucket"], out["signal"],
-                          out["zero_var"])
-    if name == "triton":
-        from erpo_kernels.ops.buckets import token_advantages_triton
-        return token_advantages_triton(*args)
-    return token_advantages(*args)
+    return synthesize(rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config, token_weights, gates)
 
 
 def erpo_advantages(rewards, mask: Tensor, old_entropy: Tensor, old_logprobs: Optional[Tensor] = None,

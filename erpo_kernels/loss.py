@@ -68,15 +68,6 @@ def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor,
     return metrics
 
 
-def _per_token_loss(backend: str, device: torch.device):
-    """The per-token surrogate: the Triton kernel for the "triton" backend, else reference.per_token_loss."""
-    from erpo_kernels.backends import resolve_backend_name
-    if resolve_backend_name(backend, device) == "triton":
-        from erpo_kernels.ops.surrogate import surrogate_triton
-        return surrogate_triton
-    return reference.per_token_loss
-
-
 def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *,
               group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
               old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
@@ -123,7 +114,7 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
         # advantages first (they need only old statistics), then one sweep: loss and grads
         stats_entropy = as_stats(old_entropy)
         adv = compute_advantages(rewards, valid, group_ids, stats_entropy, old_lp, ref_lp, config,
-                                 token_weights, gates, backend)
+                                 token_weights, gates, options.backend)
         flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
         terms = TokenTerms(flat(adv.advantages), flat(reference.aggregation_weights(valid, config, dtype)),
                            flat(valid), flat(old_lp), flat(ref_lp), config)
@@ -141,11 +132,11 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
         stats_entropy = as_stats(old_entropy) if old_entropy is not None else entropy.detach()
         stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
         adv = compute_advantages(rewards, valid, group_ids, stats_entropy, stats_logprobs, ref_lp, config,
-                                 token_weights, gates, backend)
+                                 token_weights, gates, options.backend)
         old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
         ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
-        token_loss, info = _per_token_loss(backend, device)(logprobs, entropy, adv.advantages, old_lp, ref_lp,
-                                                            config)
+        per_token_loss = getattr(options.backend, "per_token_loss", reference.per_token_loss)
+        token_loss, info = per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
         loss = reference.aggregate(token_loss, valid, config)
     metrics = loss_metrics(loss, valid, logprobs, entropy, stats_entropy, adv, info, ref_lp, group_ids)
     return ERPOOutput(loss, metrics, adv.advantages, logprobs.detach(), entropy.detach())

@@ -1,8 +1,9 @@
 """Backend resolution, in one place.
 
 A backend is a module exposing ``linear_stats`` and ``linear_stats_backward`` with the signatures
-of :mod:`erpo_kernels.backends.torch_chunked` (and, optionally, ``advantages`` / ``surrogate``
-entry points).  Names:
+of :mod:`erpo_kernels.backends.torch_chunked`, and optionally ``linear_fused_train`` (the one-sweep
+training pass), ``token_advantages`` and ``per_token_loss``; where one is missing the library's
+torch implementation of that step runs.  Names:
 
 - ``"torch"``: the reference path, full [N, V] logits (for tests and tiny shapes only)
 - ``"chunked"``: pure torch, [chunk, V] logits at a time; the CPU default

@@ -1,10 +1,11 @@
 """The "torch" backend: the same interface as ``torch_chunked`` with one chunk holding every token.
 
 It builds the full [N, V] logits, like the plain-PyTorch trainers it stands for; use it for
-small shapes and comparisons only.
+small shapes and comparisons only.  Its advantage synthesis is the reference's (loops, readable).
 """
 from __future__ import annotations
 
+from erpo_kernels.advantages import reference_token_advantages as token_advantages  # noqa: F401
 from erpo_kernels.backends import torch_chunked
 
 

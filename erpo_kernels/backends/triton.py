@@ -1,5 +1,6 @@
-"""The "triton" backend: ``linear_stats`` / ``linear_stats_backward`` with the signatures and semantics of
-:mod:`erpo_kernels.backends.torch_chunked`, computed by the Triton kernels of :mod:`erpo_kernels.ops`.
+"""The "triton" backend: ``linear_stats`` / ``linear_stats_backward`` / ``linear_fused_train`` with the
+signatures and semantics of :mod:`erpo_kernels.backends.torch_chunked`, plus ``token_advantages`` and
+``per_token_loss`` (the advantage and surrogate kernels), all computed by :mod:`erpo_kernels.ops`.
 
 Differences from ``torch_chunked``: inputs must be float16, bfloat16 or float32 (no float64: tl.dot has no
 fp64 tensor-core path; use the "torch"/"chunked" backends for fp64 checks), and statistics are always fp32.
@@ -24,7 +25,9 @@ import torch
 from erpo_kernels.backends.torch_chunked import resolve_chunk_size
 from erpo_kernels.ops.linear_grad import (accumulate_chunk_grads, chunk_logits, dz_epilogue_, linear_grad_chunked,
                                           linear_grad_fused)
-from erpo_kernels.ops.linear_stats import check_linear_inputs, logits_stats, linear_stats_fwd
+from erpo_kernels.ops.buckets import token_advantages_triton as token_advantages  # noqa: F401
+from erpo_kernels.ops.linear_stats import check_linear_inputs, linear_stats_fwd, logits_stats
+from erpo_kernels.ops.surrogate import surrogate_triton as per_token_loss  # noqa: F401
 
 Tensor = torch.Tensor
 GRAD_DESIGNS = ("fused", "chunked")

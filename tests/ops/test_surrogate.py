@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from erpo_kernels import erpo_loss, reference  # noqa: E402
-from erpo_kernels.ops import surrogate as surrogate_module  # noqa: E402
+from erpo_kernels.backends import triton as triton_backend  # noqa: E402
 from erpo_kernels.ops.surrogate import surrogate_triton  # noqa: E402
 from tests.helpers import assert_close, make_batch, small_config  # noqa: E402
 
@@ -140,7 +140,7 @@ def test_erpo_loss_triton_matches_chunked(mode, use_old, use_entropy, holder, de
     """Without old entropy (or with a non-linear aggregation) no fused sweep applies: the per-token loss
     must then come from surrogate_triton, which a spy checks."""
     calls = []
-    monkeypatch.setattr(surrogate_module, "surrogate_triton", lambda *args: calls.append(1) or surrogate_triton(*args))
+    monkeypatch.setattr(triton_backend, "per_token_loss", lambda *args: calls.append(1) or surrogate_triton(*args))
     batch = make_batch(B=6, T=9, H=16, V=37, G=3, seed=20)
     extra = dict(aggregation="holder", holder_p=2.0) if holder else {}
     config = small_config(mode=mode, dual_clip_c=3.0, kl_beta=0.05, entropy_coef=0.01, **extra)
