@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 import torch
 
 from erpo_kernels.backends.torch_chunked import resolve_chunk_size
-from erpo_kernels.ops.linear_grad import (accumulate_chunk_grads, chunk_logits, dz_epilogue_, linear_grad_chunked,
-                                          linear_grad_fused)
+from erpo_kernels.ops.linear_grad import (accumulate_chunk_grads, cast_grads, chunk_logits, chunked_grad_buffers,
+                                          dz_epilogue_, linear_grad_chunked, linear_grad_fused)
 from erpo_kernels.ops.buckets import token_advantages_triton as token_advantages  # noqa: F401
 from erpo_kernels.ops.linear_stats import check_linear_inputs, linear_stats_fwd, logits_stats
 from erpo_kernels.ops.surrogate import surrogate_triton as per_token_loss  # noqa: F401
@@ -76,11 +76,7 @@ def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
     n_tokens = hidden.shape[0]
     chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
-    want_h, want_w, want_b = needs_input_grad
-    grad_hidden = torch.empty_like(hidden) if want_h else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_w else None
-    grad_bias = torch.zeros(weight.shape[:1], dtype=torch.float32, device=hidden.device) \
-        if want_b and bias is not None else None
+    grads = grad_hidden, grad_weight, grad_bias = chunked_grad_buffers(hidden, weight, bias, needs_input_grad)
     stats = [torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)]
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n_tokens, chunk_size):
@@ -96,5 +92,4 @@ def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         accumulate_chunk_grads(logits, h, weight, None if grad_hidden is None else grad_hidden[rows],
                                grad_weight, grad_bias)
         del logits
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return (loss, *stats, grad_hidden, cast(grad_weight, weight), cast(grad_bias, bias))
+    return (loss, *stats, *cast_grads(grads, hidden, weight, bias))

@@ -211,7 +211,14 @@ def _grad_buffers(hidden, weight, bias, needs_input_grad):
                  for shape, want in zip(shapes, wanted))
 
 
-def _cast_grads(grads, hidden, weight, bias):
+def chunked_grad_buffers(hidden, weight, bias, needs_input_grad):
+    """The buffers of the chunked designs: grad_hidden zeroed in hidden's dtype (each row is one GEMM's
+    fp32 sum over the whole vocab, written once), grad_weight / grad_bias as zeroed fp32 accumulators."""
+    _, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias, needs_input_grad)
+    return torch.zeros_like(hidden) if needs_input_grad[0] else None, grad_weight, grad_bias
+
+
+def cast_grads(grads, hidden, weight, bias):
     """Each grad in its input's dtype: the one rounding of the fp32 accumulation."""
     return tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hidden, weight, bias)))
 
@@ -232,7 +239,7 @@ def linear_grad_fused(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     if n_tokens == 0 or all(g is None for g in grads) or (grad_logprobs is None and grad_entropy is None):
-        return _cast_grads(grads, hidden, weight, bias)
+        return cast_grads(grads, hidden, weight, bias)
 
     kernel, meta = tile_config.launch_params("linear_grad_fused", _linear_grad_fused_kernel,
                                              reset_to_zero=("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"))
@@ -266,7 +273,7 @@ def linear_grad_fused(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
             token_blocks = -(-n_tokens // tile_config.default_config("linear_grad_fused").block_n)
             num_splits = tile_config.num_splits(token_blocks, vocab, hidden.device)
         launch(False, num_splits, grad_hidden, grad_weight, grad_bias)
-    return _cast_grads(grads, hidden, weight, bias)
+    return cast_grads(grads, hidden, weight, bias)
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,13 +311,10 @@ def linear_grad_chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                                         grad_entropy, temperature, needs_input_grad)
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         fail("chunk_size", chunk_size, "a positive int")
-    _, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias, needs_input_grad)
-    # each grad_hidden row is one GEMM's fp32 sum over the whole vocab: written once, in hidden's dtype
-    grad_hidden = torch.zeros_like(hidden) if needs_input_grad[0] else None
-    grads = (grad_hidden, grad_weight, grad_bias)
+    grads = grad_hidden, grad_weight, grad_bias = chunked_grad_buffers(hidden, weight, bias, needs_input_grad)
     n_tokens = hidden.shape[0]
     if n_tokens == 0 or all(g is None for g in grads) or (grad_logprobs is None and grad_entropy is None):
-        return _cast_grads(grads, hidden, weight, bias)
+        return cast_grads(grads, hidden, weight, bias)
 
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
@@ -322,7 +326,7 @@ def linear_grad_chunked(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                      pick(grad_entropy), temperature, ignore_index)
         accumulate_chunk_grads(logits, h, weight, pick(grad_hidden), grad_weight, grad_bias)
         del logits
-    return _cast_grads(grads, hidden, weight, bias)
+    return cast_grads(grads, hidden, weight, bias)
 
 
 def chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
