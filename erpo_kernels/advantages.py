@@ -217,10 +217,7 @@ def erpo_advantages(rewards, mask: Tensor, old_entropy: Tensor, old_logprobs: Op
         v.fail("mask", mask, "at least one completion token in the batch")
     rewards = v.check_rewards(rewards, shape[0], device)
     group_ids = v.resolve_groups(shape[0], device, group_size, group_ids)
-    v.check_token_tensor("old_entropy", old_entropy, shape, device, mask, min_value=-v.LOGPROB_TOLERANCE)
-    v.check_token_tensor("old_logprobs", old_logprobs, shape, device, mask, max_value=v.LOGPROB_TOLERANCE)
-    v.check_token_tensor("ref_logprobs", ref_logprobs, shape, device, mask, max_value=v.LOGPROB_TOLERANCE)
-    v.check_token_tensor("token_weights", token_weights, shape, device, mask)
-    v.check_token_tensor("gates", gates, shape, device, mask, min_value=0.0)
+    v.check_token_inputs(shape, device, mask, old_entropy=old_entropy, old_logprobs=old_logprobs,
+                         ref_logprobs=ref_logprobs, token_weights=token_weights, gates=gates)
     return compute_advantages(rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config,
                               token_weights, gates, backend)

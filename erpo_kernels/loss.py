@@ -97,11 +97,8 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
         v.fail("mask", mask, "at least one completion token (not ignore_index) in the batch")
     rewards = v.check_rewards(rewards, shape[0], device)
     group_ids = v.resolve_groups(shape[0], device, group_size, group_ids)
-    v.check_token_tensor("old_logprobs", old_logprobs, shape, device, valid, max_value=v.LOGPROB_TOLERANCE)
-    v.check_token_tensor("ref_logprobs", ref_logprobs, shape, device, valid, max_value=v.LOGPROB_TOLERANCE)
-    v.check_token_tensor("old_entropy", old_entropy, shape, device, valid, min_value=-v.LOGPROB_TOLERANCE)
-    v.check_token_tensor("token_weights", token_weights, shape, device, valid)
-    v.check_token_tensor("gates", gates, shape, device, valid, min_value=0.0)
+    v.check_token_inputs(shape, device, valid, old_entropy=old_entropy, old_logprobs=old_logprobs,
+                         ref_logprobs=ref_logprobs, token_weights=token_weights, gates=gates)
 
     options = StatsOptions(get_backend(backend, device), config.temperature, config.ignore_index,
                            config.chunk_size)

@@ -95,6 +95,17 @@ def check_token_tensor(name: str, x, shape, device, mask: Tensor, finite: bool =
                       "entropy cannot be negative)")
 
 
+def check_token_inputs(shape, device, mask: Tensor, *, old_entropy=None, old_logprobs=None, ref_logprobs=None,
+                       token_weights=None, gates=None) -> None:
+    """The optional per-token inputs [B, T] of the loss and the advantages, bounds checked on ``mask``:
+    log-probs <= 0, entropy >= 0, gates >= 0 (each up to rounding), all finite."""
+    check_token_tensor("old_entropy", old_entropy, shape, device, mask, min_value=-LOGPROB_TOLERANCE)
+    check_token_tensor("old_logprobs", old_logprobs, shape, device, mask, max_value=LOGPROB_TOLERANCE)
+    check_token_tensor("ref_logprobs", ref_logprobs, shape, device, mask, max_value=LOGPROB_TOLERANCE)
+    check_token_tensor("token_weights", token_weights, shape, device, mask)
+    check_token_tensor("gates", gates, shape, device, mask, min_value=0.0)
+
+
 def check_mask(mask, shape, device) -> Tensor:
     """mask [B, T], bool or 0/1 numbers -> bool."""
     if not isinstance(mask, Tensor):
