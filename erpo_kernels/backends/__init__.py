@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from erpo_kernels.ops.tile_config import interpreter_enabled  # torch-only module: no Triton import
+
 BACKENDS = ("auto", "torch", "chunked", "triton", "native")
 _MODULES = {
     "torch": "erpo_kernels.backends.torch_full",
@@ -37,10 +39,6 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install: either way, not usable
         return False
     return True
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend_name(name: str, device: torch.device) -> str:
