@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 
