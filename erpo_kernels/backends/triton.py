@@ -23,8 +23,8 @@ from typing import Optional, Tuple
 import torch
 
 from erpo_kernels.backends.torch_chunked import resolve_chunk_size
-from erpo_kernels.ops.linear_grad import (accumulate_chunk_grads, cast_grads, chunk_logits, chunked_grad_buffers,
-                                          dz_epilogue_, linear_grad_chunked, linear_grad_fused)
+from erpo_kernels.ops.linear_grad import cast_grads, chunked_grad_buffers, linear_grad_fused
+from erpo_kernels.ops.linear_grad_chunked import accumulate_chunk_grads, chunk_logits, dz_epilogue_, linear_grad_chunked
 from erpo_kernels.ops.buckets import token_advantages_triton as token_advantages  # noqa: F401
 from erpo_kernels.ops.linear_stats import check_linear_inputs, linear_stats_fwd, logits_stats
 from erpo_kernels.ops.surrogate import surrogate_triton as per_token_loss  # noqa: F401

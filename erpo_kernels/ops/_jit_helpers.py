@@ -1,4 +1,5 @@
-"""``@triton.jit`` helpers shared by the linear kernels: one fp32 logits tile, and its dz.
+"""``@triton.jit`` helpers shared by the linear kernels: one fp32 logits tile, its dz, and the per-token
+coefficients both backward designs read.
 
 Dot precision: ``DOT_PRECISION`` is "ieee" for fp32 inputs (tl.dot defaults to tf32 on NVIDIA, ~1e-3
 relative error) and "tf32" otherwise (ignored for bf16/fp16).  ``DOT_UPCAST`` casts bf16 operands to fp32
@@ -88,3 +89,21 @@ def _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets,
         onehot = tl.where(offs_v[None, :] == targets[:, None], 1.0, 0.0)
         dz += g_logprob[:, None] * (onehot - p)
     return tl.where(mask_n[:, None], dz, 0.0)
+
+
+@triton.jit
+def _token_coefficients(offs_n, mask_n, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+                        ignore_index, HAS_GRAD_LOGPROBS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    """Per-token (targets, lse, entropy, g_lp, g_H) in fp32; g_lp is 0 for ignored targets."""
+    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    g_logprob = tl.zeros_like(lse)
+    g_entropy = tl.zeros_like(lse)
+    entropy = tl.zeros_like(lse)
+    if HAS_GRAD_LOGPROBS:
+        g_logprob = tl.load(grad_logprobs_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        g_logprob = tl.where(targets != ignore_index, g_logprob, 0.0)
+    if HAS_GRAD_ENTROPY:
+        g_entropy = tl.load(grad_entropy_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        entropy = tl.load(entropy_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return targets, lse, entropy, g_logprob, g_entropy

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from erpo_kernels.backends import torch_chunked, torch_full
-from erpo_kernels.ops.linear_grad import linear_grad_chunked, linear_grad_fused
+from erpo_kernels.ops.linear_grad import linear_grad_fused
+from erpo_kernels.ops.linear_grad_chunked import linear_grad_chunked
 from erpo_kernels.ops.linear_stats import linear_stats_fwd
 from tests.helpers import assert_close
 
