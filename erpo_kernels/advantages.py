@@ -122,6 +122,25 @@ def entropy_gate(entropy: Tensor, mask: Tensor, group_index: Tensor, num_groups:
     return gate
 
 
+def bucket_index(mask: Tensor, entropy: Tensor, config: ERPOConfig) -> Tensor:
+    """b [B, T] int64: see :func:`erpo_kernels.reference.bucket_index`.
+
+    position: ``ceil(c * K / n) - 1`` in integer arithmetic, ``(c * K + n - 1) // n - 1`` with c the running
+    count of completion tokens; cum_entropy: ``ceil(cumsum(H * mask) * K / sum(H * mask)) - 1`` where the
+    sum exceeds eps (the last completion token's cumsum is the total itself, so it lands in bucket K - 1).
+    """
+    K = config.num_buckets
+    count = mask.long().cumsum(-1)
+    total = count[:, -1:].clamp_min(1)
+    bucket = (count * K + total - 1) // total - 1
+    if config.progress == "cum_entropy":
+        cum = (entropy * mask).cumsum(-1)
+        total_h = cum[:, -1:]
+        by_entropy = torch.ceil(cum * K / total_h.clamp_min(config.eps)).long() - 1
+        bucket = torch.where(total_h > config.eps, by_entropy, bucket)
+    return bucket.clamp(0, K - 1)
+
+
 def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entropy: Tensor,
                      old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], config: ERPOConfig,
                      token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None) -> Advantages:
@@ -145,7 +164,7 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
     gate = gates.to(dtype) * mask if gates is not None else entropy_gate(
         old_entropy, mask, group_index, num_groups, config)
     adv = gate * seq_adv[:, None]
-    bucket = reference.bucket_index(mask, old_entropy, config)
+    bucket = bucket_index(mask, old_entropy, config)
     signal = torch.zeros_like(old_entropy)
     if config.progress_term and old_logprobs is not None and ref_logprobs is not None:
         raw = config.progress_lambda * (old_logprobs.to(dtype) - ref_logprobs.to(dtype))

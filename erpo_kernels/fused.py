@@ -14,44 +14,47 @@ from typing import Optional
 
 import torch
 
-from erpo_kernels import reference
 from erpo_kernels.config import ERPOConfig
 from erpo_kernels.stats import StatsOptions
+from erpo_kernels.surrogate import TokenTerms, fill_off_mask, is_linear, token_terms
 
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class TokenTerms:
-    """Detached per-token inputs of the surrogate, flattened to [N]."""
+@dataclass
+class SweepTerms:
+    """Detached per-token inputs of the surrogate, flattened to [N], and the per-token results the sweep
+    records chunk by chunk (token loss, ratio, clip indicators: the metrics read them afterwards)."""
     advantages: Tensor
     weights: Tensor                 # aggregation weights: loss = sum(L * weights)
     valid: Tensor                   # completion tokens; off them old/ref are replaced by lp
     old_logprobs: Optional[Tensor]
     ref_logprobs: Optional[Tensor]
     config: ERPOConfig
+    recorded: Optional[TokenTerms] = None
+
+    def __post_init__(self):
+        n, like = self.advantages.shape[0], self.advantages
+        flags = [torch.zeros(n, dtype=torch.bool, device=like.device) for _ in range(3)]
+        self.recorded = TokenTerms(torch.zeros_like(like), torch.zeros_like(like), torch.ones_like(like), *flags)
 
     def coefficients(self, start: int, stop: int, logprobs: Tensor, entropy: Tensor):
         """(sum of weighted token losses, d/d logprobs, d/d entropy or None) for tokens [start, stop)."""
         rows = slice(start, stop)
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        lp = logprobs.detach().requires_grad_()
-        ent = entropy.detach().requires_grad_(self.config.entropy_coef > 0)
-        valid = self.valid[rows]
-        with torch.enable_grad():
-            old = reference.fill_off_mask(pick(self.old_logprobs), valid, lp)
-            ref = reference.fill_off_mask(pick(self.ref_logprobs), valid, lp)
-            token_loss, _ = reference.per_token_loss(lp, ent, self.advantages[rows], old, ref, self.config)
-            total = (token_loss * self.weights[rows]).sum()
-            inputs = [lp, ent] if ent.requires_grad else [lp]
-            grads = torch.autograd.grad(total, inputs)
-        return total.detach(), grads[0], grads[1] if len(grads) > 1 else None
+        pick = lambda x: None if x is None else fill_off_mask(x[rows], self.valid[rows], logprobs)  # noqa: E731
+        terms = token_terms(logprobs, self.advantages[rows], pick(self.old_logprobs), pick(self.ref_logprobs),
+                            self.config, entropy)
+        for out, value in zip(self.recorded, terms):
+            out[rows] = value
+        weights = self.weights[rows]
+        grad_entropy = -self.config.entropy_coef * weights if self.config.entropy_coef > 0 else None
+        return (terms.loss * weights).sum(), terms.grad_logprobs * weights, grad_entropy
 
 
 def fused_path_applies(config: ERPOConfig, old_entropy, old_logprobs, ref_logprobs, backend_module) -> bool:
     """True when the per-token coefficients are known up front and the backend has a fused sweep."""
     needs_current_lp = old_logprobs is None and config.progress_term and ref_logprobs is not None
-    return (old_entropy is not None and not needs_current_lp and reference.is_linear_aggregation(config)
+    return (old_entropy is not None and not needs_current_lp and is_linear(config)
             and hasattr(backend_module, "linear_fused_train"))
 
 
@@ -62,7 +65,7 @@ class FusedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, terms: TokenTerms, options: StatsOptions):
+    def forward(ctx, hidden, weight, bias, targets, terms: SweepTerms, options: StatsOptions):
         loss, logprobs, entropy, _lse, grad_hidden, grad_weight, grad_bias = options.backend.linear_fused_train(
             hidden, weight, bias, targets, terms.coefficients, temperature=options.temperature,
             ignore_index=options.ignore_index, chunk_size=options.chunk_size,

@@ -13,12 +13,12 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from erpo_kernels import reference
+from erpo_kernels import surrogate
 from erpo_kernels import validation as v
 from erpo_kernels.advantages import compute_advantages
 from erpo_kernels.backends import get_backend
 from erpo_kernels.config import ERPOConfig
-from erpo_kernels.fused import FusedLinearLoss, TokenTerms, fused_path_applies
+from erpo_kernels.fused import FusedLinearLoss, SweepTerms, fused_path_applies
 from erpo_kernels.stats import StatsOptions, linear_token_stats
 
 Tensor = torch.Tensor
@@ -113,16 +113,16 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
         adv = compute_advantages(rewards, valid, group_ids, stats_entropy, old_lp, ref_lp, config,
                                  token_weights, gates, options.backend)
         flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
-        terms = TokenTerms(flat(adv.advantages), flat(reference.aggregation_weights(valid, config, dtype)),
+        terms = SweepTerms(flat(adv.advantages), flat(surrogate.aggregation_weights(valid, config, dtype)),
                            flat(valid), flat(old_lp), flat(ref_lp), config)
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
         loss, logprobs, entropy = FusedLinearLoss.apply(flat_hidden, weight, bias, targets.reshape(-1), terms,
                                                         options)
         logprobs, entropy = logprobs.view(shape), entropy.view(shape)
-        old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
-        ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
-        with torch.no_grad():
-            _, info = reference.per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
+        recorded = terms.recorded
+        info = dict(ratio=recorded.ratio.view(shape), clip_low=recorded.clip_low.view(shape),
+                    clip_high=recorded.clip_high.view(shape), dual_clip=recorded.dual_clip.view(shape))
+        ref_lp = surrogate.fill_off_mask(ref_lp, valid, logprobs)
     else:
         stats = linear_token_stats(hidden, weight, bias, targets, options)
         logprobs, entropy = stats.logprobs, stats.entropy
@@ -130,11 +130,11 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
         stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
         adv = compute_advantages(rewards, valid, group_ids, stats_entropy, stats_logprobs, ref_lp, config,
                                  token_weights, gates, options.backend)
-        old_lp = reference.fill_off_mask(old_lp, valid, logprobs)
-        ref_lp = reference.fill_off_mask(ref_lp, valid, logprobs)
-        per_token_loss = getattr(options.backend, "per_token_loss", reference.per_token_loss)
+        old_lp = surrogate.fill_off_mask(old_lp, valid, logprobs)
+        ref_lp = surrogate.fill_off_mask(ref_lp, valid, logprobs)
+        per_token_loss = getattr(options.backend, "per_token_loss", surrogate.per_token_loss)
         token_loss, info = per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
-        loss = reference.aggregate(token_loss, valid, config)
+        loss = surrogate.aggregate(token_loss, valid, config)
     metrics = loss_metrics(loss, valid, logprobs, entropy, stats_entropy, adv, info, ref_lp, group_ids)
     return ERPOOutput(loss, metrics, adv.advantages, logprobs.detach(), entropy.detach())
 

@@ -120,21 +120,31 @@ def entropy_gate(entropy: Tensor, mask: Tensor, group_ids: Tensor, config: ERPOC
 def bucket_index(mask: Tensor, entropy: Tensor, config: ERPOConfig) -> Tensor:
     """b[i, t] = clamp(ceil(tau * K) - 1, 0, K - 1) from the progress coordinate tau in (0, 1].
 
-    position: tau = cumsum(mask) / n_i (in exact integer arithmetic);
-    cum_entropy: tau = cumsum(H * mask) / sum(H * mask), falling back to position when that sum <= eps.
+    position: tau = cumsum(mask) / n_i, in exact rational arithmetic (no float rounding moves a token
+    across a bucket edge); cum_entropy: tau = cumsum(H * mask) / sum(H * mask), falling back to position
+    when that sum <= eps.  Off-mask positions get the bucket of the last completion token before them.
     """
+    from fractions import Fraction
+
     K = config.num_buckets
-    count = mask.long().cumsum(-1)
-    total = count[:, -1:].clamp_min(1)
-    position_bucket = (count * K + total - 1) // total - 1          # ceil(count * K / total) - 1
-    bucket = position_bucket
-    if config.progress == "cum_entropy":
-        weighted = entropy * mask
-        cum = weighted.cumsum(-1)
-        total_h = cum[:, -1:]
-        entropy_bucket = torch.ceil(cum * K / total_h.clamp_min(config.eps)).long() - 1
-        bucket = torch.where(total_h > config.eps, entropy_bucket, position_bucket)
-    return bucket.clamp(0, K - 1)
+    bucket = torch.zeros(mask.shape, dtype=torch.long, device=mask.device)
+    for i in range(mask.shape[0]):
+        row_mask = mask[i].tolist()
+        row_entropy = entropy[i].tolist()
+        n = max(sum(row_mask), 1)
+        total_h = sum(h for h, m in zip(row_entropy, row_mask) if m)
+        by_entropy = config.progress == "cum_entropy" and total_h > config.eps
+        count, cum_h = 0, 0.0
+        for t, (m, h) in enumerate(zip(row_mask, row_entropy)):
+            if m:
+                count += 1
+                cum_h += h
+            if by_entropy:
+                b = math.ceil(cum_h * K / total_h) - 1
+            else:
+                b = math.ceil(Fraction(count * K, n)) - 1
+            bucket[i, t] = min(max(b, 0), K - 1)
+    return bucket
 
 
 def bucket_normalized_signal(signal: Tensor, mask: Tensor, group_ids: Tensor, bucket: Tensor,
@@ -238,40 +248,30 @@ def per_token_loss(logprobs: Tensor, entropy: Tensor, advantages: Tensor, old_lo
     return loss, info
 
 
-def aggregation_weights(mask: Tensor, config: ERPOConfig, dtype: torch.dtype = torch.float32) -> Tensor:
-    """w [B, T] with loss = sum(L * w) for every aggregation but holder(p != 1).
-
-    token_mean: 1 / sum(m) (DAPO); seq_mean_token_mean: 1 / (B * max(n_i, 1)) (GRPO, as TRL computes
-    it: fully masked rows count in B); seq_mean_token_sum: 1 / B; constant: 1 / (B * max_length),
-    max_length = config.max_length or T (Dr.GRPO).
-    """
-    m = mask.to(dtype)
-    B, T = mask.shape
-    if config.aggregation in ("token_mean", "holder"):
-        return m / m.sum().clamp_min(1.0)
-    if config.aggregation == "seq_mean_token_mean":
-        return m / (B * m.sum(-1, keepdim=True).clamp_min(1.0))
-    if config.aggregation == "seq_mean_token_sum":
-        return m / B
-    return m / (B * (config.max_length or T))
-
-
-def is_linear_aggregation(config: ERPOConfig) -> bool:
-    return config.aggregation != "holder" or config.holder_p == 1.0
-
-
 def aggregate(token_loss: Tensor, mask: Tensor, config: ERPOConfig) -> Tensor:
-    """Reduce [B, T] per-token losses over the mask (see :func:`aggregation_weights`).
+    """Reduce [B, T] per-token losses over the masked tokens.
 
-    holder: signed power mean over masked tokens, sign(S) * max(|S|, eps)^(1/p) with
-    S = mean(sign(L) |L|^p) (HoelderPO; p = 1 is token_mean).
+    token_mean: mean over every masked token of the batch (DAPO); seq_mean_token_mean: mean over the B rows
+    of each row's token mean (a fully masked row counts as 0, as TRL computes it); seq_mean_token_sum: mean
+    over rows of each row's token sum; constant: token sum / (B * max_length), max_length = config.max_length
+    or T (Dr.GRPO); holder: signed power mean sign(S) * max(|S|, eps)^(1/p), S = mean(sign(L) |L|^p) over
+    masked tokens (HoelderPO; p = 1 is token_mean).
     """
-    if is_linear_aggregation(config):
-        return (token_loss * aggregation_weights(mask, config, token_loss.dtype)).sum()
+    mask = mask.bool()
+    B, T = mask.shape
+    zero = token_loss.sum() * 0.0
+    if config.aggregation == "token_mean" or (config.aggregation == "holder" and config.holder_p == 1.0):
+        return token_loss[mask].mean() if mask.any() else zero
+    if config.aggregation == "seq_mean_token_mean":
+        rows = [token_loss[i][mask[i]].mean() if mask[i].any() else zero for i in range(B)]
+        return torch.stack(rows).mean()
+    if config.aggregation == "seq_mean_token_sum":
+        return torch.stack([token_loss[i][mask[i]].sum() for i in range(B)]).mean()
+    if config.aggregation == "constant":
+        return token_loss[mask].sum() / (B * (config.max_length or T))
     p = config.holder_p
-    m = mask.to(token_loss.dtype)
-    powered = torch.sign(token_loss) * token_loss.abs().clamp_min(1e-30) ** p * m
-    s = powered.sum() / m.sum().clamp_min(1.0)
+    values = token_loss[mask]
+    s = (torch.sign(values) * values.abs().clamp_min(1e-30) ** p).mean() if values.numel() else zero
     return torch.sign(s) * s.abs().clamp_min(config.eps) ** (1.0 / p)
 
 
