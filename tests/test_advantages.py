@@ -5,21 +5,15 @@ import torch
 from erpo_kernels import ERPOConfig, erpo_advantages, reference
 from erpo_kernels.advantages import token_advantages
 from tests.helpers import ADVANTAGE_CONFIGS as CONFIGS
-from tests.helpers import assert_close, small_config
+from tests.helpers import assert_close, make_token_inputs, small_config
 
 
 def _inputs(B=8, T=16, G=4, seed=0, mask_frac=0.25, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, T, generator=gen) > mask_frac
-    mask[:, 0] = True
-    rewards = torch.randint(0, 2, (B,), generator=gen).to(dtype)
-    rewards[:G] = torch.tensor([1.0, 0.0] * (G // 2), dtype=dtype)  # group 0 has variance
-    entropy = torch.rand(B, T, generator=gen, dtype=dtype) * 3
-    old_lp = -torch.rand(B, T, generator=gen, dtype=dtype) * 4
-    ref_lp = (old_lp - 0.3 * torch.randn(B, T, generator=gen, dtype=dtype)).clamp(max=-1e-3)
-    return rewards, mask, torch.arange(B) // G, entropy, old_lp, ref_lp
-
-
+    """(rewards, mask, group ids, entropy, old, ref) in ``dtype``: B // G consecutive groups of G rows, group 0
+    with reward variance, no forced zero-variance group (the tests that want one set it)."""
+    x = make_token_inputs(B=B, T=T, group_sizes=(G,) * (B // G), seed=seed, mask_frac=mask_frac, dtype=dtype,
+                          zero_variance_group=None, odd_rows=False, permute=False)
+    return x["rewards"], x["mask"], x["group_ids"], x["old_entropy"], x["old_logprobs"], x["ref_logprobs"]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))

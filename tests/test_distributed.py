@@ -15,6 +15,12 @@ from tests.helpers import assert_close, make_batch, small_config
 WORLD = 2
 
 
+def _triton_device() -> str:
+    """Where the "triton" backend runs: the CPU under the interpreter (tests/conftest.py sets it without CUDA;
+    spawned ranks inherit the environment), else the GPU (gloo all-reduces CUDA tensors too)."""
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
 def _worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -24,14 +30,15 @@ def _worker(rank, init_file, results):
         adv = erpo_advantages(batch["rewards"][rows], batch["mask"][rows], batch["old_entropy"][rows],
                               batch["old_logprobs"][rows], batch["ref_logprobs"][rows], group_size=4,
                               config=config)
-        for backend in ("chunked", "triton"):
-            weight = batch["weight"].clone().requires_grad_()
-            out = erpo_loss(batch["hidden"][rows], weight, batch["targets"][rows], batch["mask"][rows],
-                            batch["rewards"][rows], group_size=4, old_logprobs=batch["old_logprobs"][rows],
-                            ref_logprobs=batch["ref_logprobs"][rows], old_entropy=batch["old_entropy"][rows],
+        for backend, device in (("chunked", "cpu"), ("triton", _triton_device())):
+            on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            weight = on["weight"].clone().requires_grad_()
+            out = erpo_loss(on["hidden"][rows], weight, on["targets"][rows], on["mask"][rows],
+                            on["rewards"][rows], group_size=4, old_logprobs=on["old_logprobs"][rows],
+                            ref_logprobs=on["ref_logprobs"][rows], old_entropy=on["old_entropy"][rows],
                             config=config.replace(aggregation="seq_mean_token_sum"), backend=backend)
             out.loss.backward()
-            results[f"{rank}/{backend}/grad_weight"] = weight.grad.clone()
+            results[f"{rank}/{backend}/grad_weight"] = weight.grad.cpu().clone()
         results[f"{rank}/gate"] = adv.gate.clone()
         results[f"{rank}/advantages"] = adv.advantages.clone()
     finally:
@@ -39,7 +46,6 @@ def _worker(rank, init_file, results):
 
 
 def test_global_gate_equals_single_process_batch_gate(tmp_path):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
 

@@ -1,13 +1,13 @@
-"""erpo_loss (chunked backend) against the reference, and the GRPO-family modes against hand-written losses."""
+"""erpo_loss (chunked backend, both training paths) against the reference and against the hand-written twins of
+tests/twins.py, term by term and aggregation by aggregation."""
 import pytest
 import torch
 from torch import nn
 
 from erpo_kernels import ERPOLoss, erpo_loss, reference
-from tests.helpers import assert_close, make_batch, small_config
-
-MODES = ["erpo", "ep_grpo", "grpo", "dapo", "dr_grpo"]
-AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "holder"]
+from erpo_kernels.config import AGGREGATIONS, MODES
+from tests import twins
+from tests.helpers import WIDE_DRIFT, assert_close, make_batch, small_config
 
 
 def _run(batch, config, backend="chunked", use_old=True, use_ref=True, use_entropy=True, **kwargs):
@@ -46,11 +46,12 @@ def _compare(batch, config, rtol=1e-5, **flags):
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("mode", MODES)
 def test_modes_and_aggregations_match_reference(mode, aggregation):
-    batch = make_batch(seed=MODES.index(mode) * 10 + AGGREGATIONS.index(aggregation))
+    batch = make_batch(seed=MODES.index(mode) * 10 + AGGREGATIONS.index(aggregation), drift=WIDE_DRIFT)
     config = small_config(mode=mode, aggregation=aggregation, holder_p=2.0, kl_beta=0.05, entropy_coef=0.01,
                           dual_clip_c=3.0, chunk_size=17)
     out = _compare(batch, config)
-    assert all(isinstance(v, float) for v in out.metrics.values())
+    m = out.metrics
+    assert m["clip_frac_low"] > 0 and m["clip_frac_high"] > 0 and m["dual_clip_frac"] > 0 and m["kl"] > 1e-3, m
 
 
 @pytest.mark.parametrize("flags", [dict(use_old=False), dict(use_ref=False), dict(use_entropy=False),
@@ -121,37 +122,58 @@ def test_bf16_inputs_within_1e2(mode):
         assert rel < 1e-2, f"{name}: relative error {rel:.3e}"
 
 
-# --- the GRPO family against losses written by hand, the way trainers write them ------------------------
-def _hand_written(batch, kind):
+# --- against the hand-written twins ---------------------------------------------------------------------
+def _twin_loss(batch, config, advantages):
+    """The twins' loss and grads: full float64 logits, twins.token_loss, twins.aggregate."""
     h, w = batch["hidden"].double().requires_grad_(), batch["weight"].double().requires_grad_()
-    logits = h @ w.t()
-    lp = torch.log_softmax(logits, -1).gather(-1, batch["targets"][..., None]).squeeze(-1)
-    r = batch["rewards"].double().view(-1, 4)
-    centered = r - r.mean(1, keepdim=True)
-    adv = (centered if kind == "dr_grpo" else centered / (r.std(1, unbiased=False, keepdim=True) + 1e-6)).view(-1, 1)
-    ratio = torch.exp(lp - batch["old_logprobs"].double())
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 0.8, 1.28) * adv)
-    m = batch["mask"].double()
-    if kind == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif kind == "dapo":
-        loss = (per_token * m).sum() / m.sum()
-    else:
-        loss = (per_token * m).sum() / (m.shape[0] * m.shape[1])
+    lp, entropy = twins.logprobs_and_entropy(h, w, batch["targets"])
+    m = batch["mask"] & (batch["targets"] != -100)
+    old = torch.where(m, batch["old_logprobs"].double(), lp.detach())     # padding: ratio 1, KL 0
+    ref = torch.where(m, batch["ref_logprobs"].double(), lp.detach())
+    L = twins.token_loss(lp, advantages, old, ref, entropy, config.eps_low, config.eps_high, config.dual_clip_c,
+                         config.kl_beta, config.entropy_coef)
+    loss = twins.aggregate(L, m, config.aggregation, config.max_length, config.holder_p)
     loss.backward()
     return loss, h.grad, w.grad
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["one_sweep", "two_pass"])
+@pytest.mark.parametrize("aggregation,holder_p,max_length", [
+    ("token_mean", 1.0, None), ("seq_mean_token_mean", 1.0, None), ("seq_mean_token_sum", 1.0, None),
+    ("constant", 1.0, None), ("constant", 1.0, 20), ("holder", 2.0, None), ("holder", 1.0, None)],
+    ids=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "constant_L20", "holder_p2",
+         "holder_p1"])
+def test_every_term_and_aggregation_equals_twin(aggregation, holder_p, max_length, fused):
+    """ERPO with the KL, the dual clip and the entropy bonus on, old log-probs drifted far enough that both clip
+    bounds, the dual clip and the KL are active (asserted), against the twins end to end."""
+    batch = make_batch(seed=AGGREGATIONS.index(aggregation), drift=WIDE_DRIFT, ignore_frac=0.1)
+    config = small_config(aggregation=aggregation, holder_p=holder_p, max_length=max_length, kl_beta=0.05,
+                          entropy_coef=0.02, dual_clip_c=2.0, fused_train=fused, chunk_size=13)
+    out, gh, gw = _run(batch, config)
+    valid = batch["mask"] & (batch["targets"] != -100)
+    adv = twins.erpo_advantages(batch["rewards"], valid, batch["old_entropy"], batch["old_logprobs"],
+                                batch["ref_logprobs"], group_size=4, K=3)
+    loss, rgh, rgw = _twin_loss(batch, config, adv)
+    assert_close(out.advantages, adv, rtol=1e-5, atol=1e-6, name="advantages")
+    assert_close(out.loss, loss, rtol=1e-5, atol=1e-7, name="loss")
+    assert_close(gh, rgh, rtol=1e-5, atol=1e-5, scaled=True, name="grad_hidden")
+    assert_close(gw, rgw, rtol=1e-5, atol=1e-5, scaled=True, name="grad_weight")
+    m = out.metrics
+    assert m["clip_frac_low"] > 0 and m["clip_frac_high"] > 0 and m["dual_clip_frac"] > 0 and m["kl"] > 1e-3, m
+
+
 @pytest.mark.parametrize("mode", ["grpo", "dapo", "dr_grpo"])
-def test_grpo_family_equals_hand_written(mode):
-    batch = make_batch(seed=21)
+def test_grpo_family_equals_twin(mode):
+    batch = make_batch(seed=21, drift=WIDE_DRIFT)
     batch["rewards"][4:] = 1.0  # a zero-variance group: A = 0 there in every mode
-    out, gh, gw = _run(batch, small_config(mode=mode), use_ref=False)
-    loss, rgh, rgw = _hand_written(batch, mode)
+    config = small_config(mode=mode, kl_beta=0.1, dual_clip_c=3.0)
+    out, gh, gw = _run(batch, config)
+    adv = twins.outcome_advantage(batch["rewards"], 4, std_normalize=mode != "dr_grpo")[:, None] * batch["mask"]
+    loss, rgh, rgw = _twin_loss(batch, config, adv)
     assert_close(out.loss, loss, rtol=1e-5, atol=1e-8, name="loss")
     assert_close(gh, rgh, rtol=1e-5, atol=1e-5, scaled=True, name="grad_hidden")
     assert_close(gw, rgw, rtol=1e-5, atol=1e-5, scaled=True, name="grad_weight")
-    assert out.metrics["zero_var_groups"] == 1.0
+    assert out.metrics["zero_var_groups"] == 1.0 and out.metrics["dual_clip_frac"] > 0
 
 
 def test_fully_masked_rows_and_one_token_responses():

@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from tests import helpers
+
 
 @pytest.fixture
 def device():
@@ -22,24 +24,9 @@ def device():
     return torch.device("cuda")
 
 
-def _make_linear_inputs(n_tokens, dim, vocab, dtype=torch.float32, with_bias=True, seed=0, device="cpu",
-                       ignore_index=-100, ignore_every=5, bias_shift=0.0):
-    """Fresh random (hidden [N, H], weight [V, H], bias [V] or None, targets [N]) in ``dtype``: logits of
-    order 1-3, every ``ignore_every``-th target set to ``ignore_index``, bias shifted by ``bias_shift``."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n_tokens, dim, generator=gen)
-    weight = torch.randn(vocab, dim, generator=gen) * (2.0 / dim ** 0.5)
-    bias = torch.randn(vocab, generator=gen) * 0.5 + bias_shift if with_bias else None
-    targets = torch.randint(0, vocab, (n_tokens,), generator=gen)
-    if ignore_every:
-        targets[::ignore_every] = ignore_index
-    cast = [x.to(device=device, dtype=dtype) if x is not None else None for x in (hidden, weight, bias)]
-    return (*cast, targets.to(device))
-
-
 @pytest.fixture
 def make_linear_inputs(device):
-    return lambda *args, **kwargs: _make_linear_inputs(*args, device=device, **kwargs)
+    return lambda *args, **kwargs: helpers.make_linear_inputs(*args, device=device, **kwargs)
 
 
 def pytest_collection_modifyitems(config, items):

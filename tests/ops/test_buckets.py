@@ -1,40 +1,20 @@
 """ops.buckets: the Triton advantage synthesis against the reference oracle (float64) and the torch twin."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from erpo_kernels import reference  # noqa: E402
-from erpo_kernels.advantages import compute_advantages, token_advantages  # noqa: E402
-from erpo_kernels.ops.buckets import token_advantages_triton  # noqa: E402
-from tests.helpers import ADVANTAGE_CONFIGS as CONFIGS  # noqa: E402
-from tests.helpers import assert_close, small_config  # noqa: E402
+from erpo_kernels import reference
+from erpo_kernels.advantages import compute_advantages, token_advantages
+from erpo_kernels.ops.buckets import token_advantages_triton
+from tests.helpers import ADVANTAGE_CONFIGS as CONFIGS
+from tests.helpers import assert_close, make_token_inputs, small_config
 
 FIELDS = ("advantages", "gate", "seq_advantage", "signal")
 
 
 def _inputs(B=10, T=37, group_sizes=(4, 3, 3), seed=0, mask_frac=0.25):
-    """Random float32 inputs; group 1 has all rewards equal (zero variance); group ids permuted and
-    non-consecutive; row 3 fully masked, row 5 has one completion token."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.rand(B, T, generator=gen) > mask_frac
-    mask[:, 0] = True
-    rewards = torch.randint(0, 2, (B,), generator=gen).float() + 0.1 * torch.randn(B, generator=gen)
-    gid = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
-    if len(group_sizes) > 1:
-        rewards[group_sizes[0]:group_sizes[0] + group_sizes[1]] = 1.0          # zero-variance group
-    if B > 5:
-        mask[3] = False
-        mask[5] = False
-        mask[5, T // 2] = True
-    entropy = torch.rand(B, T, generator=gen) * 3 + 0.01
-    old = -torch.rand(B, T, generator=gen) * 4
-    ref = (old - 0.3 * torch.randn(B, T, generator=gen)).clamp(max=-1e-3)
-    perm = torch.randperm(B, generator=gen)
-    return dict(rewards=rewards[perm], mask=mask[perm], group_ids=gid[perm] * 7 + 3, old_entropy=entropy[perm],
-                old_logprobs=old[perm], ref_logprobs=ref[perm])
+    """float32 inputs: a zero-variance group, permuted non-consecutive group ids, a fully masked row and a
+    one-token row (see tests.helpers.make_token_inputs)."""
+    return make_token_inputs(B=B, T=T, group_sizes=group_sizes, seed=seed, mask_frac=mask_frac)
 
 
 def _check(inputs, config, token_weights=None, gates=None, rtol=1e-5, atol=2e-6, device="cpu"):
@@ -55,8 +35,6 @@ def _check(inputs, config, token_weights=None, gates=None, rtol=1e-5, atol=2e-6,
     twin = token_advantages(*args, config, token_weights, gates)   # float32 torch twin: same buckets exactly
     assert torch.equal(got.bucket, twin.bucket), "bucket vs twin"
     return got
-
-
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))

@@ -1,5 +1,5 @@
 """``ops.linear_grad`` (fused, deterministic and chunked designs) and the ``"triton"`` backend module against
-the full-logits float64 reference (``backends.torch_full``)."""
+the float64 full-logits oracle (``reference.token_stats``, differentiated by autograd)."""
 from __future__ import annotations
 
 import inspect
@@ -7,7 +7,8 @@ import inspect
 import pytest
 import torch
 
-from erpo_kernels.backends import torch_chunked, torch_full
+from erpo_kernels import reference
+from erpo_kernels.backends import torch_chunked
 from erpo_kernels.ops.linear_grad import linear_grad_fused
 from erpo_kernels.ops.linear_grad_chunked import linear_grad_chunked
 from erpo_kernels.ops.linear_stats import linear_stats_fwd
@@ -31,14 +32,18 @@ def upstream(n_tokens, which, device, seed=1):
 
 def reference_grads(hidden, weight, bias, targets, g_lp, g_ent, temperature=1.0, ignore_index=-100,
                     needs_input_grad=(True, True, True)):
-    """Float64 full-logits grads of the given (possibly bf16-rounded) inputs, with float64 lse/entropy."""
-    up = [x.detach().cpu().double() if x is not None else None for x in (hidden, weight, bias, g_lp, g_ent)]
-    h, w, b, glp, gent = up
-    _, entropy, lse = torch_full.linear_stats(h, w, b, targets.cpu(), temperature=temperature,
-                                              ignore_index=ignore_index)
-    return torch_full.linear_stats_backward(h, w, b, targets.cpu(), lse, entropy, glp, gent,
-                                            temperature=temperature, ignore_index=ignore_index,
-                                            needs_input_grad=needs_input_grad)
+    """Float64 grads of sum(g_lp * logprobs + g_ent * entropy) of the given (possibly bf16-rounded) inputs,
+    by autograd through the oracle's full logits; None where not needed (or no bias)."""
+    leaves = [None if x is None else x.detach().cpu().double().requires_grad_(need)
+              for x, need in zip((hidden, weight, bias), needs_input_grad)]
+    logprobs, entropy, _ = reference.token_stats(*leaves, targets.cpu(), temperature, ignore_index)
+    objective = sum((out * g.detach().cpu().double()).sum() for out, g in ((logprobs, g_lp), (entropy, g_ent))
+                    if g is not None)
+    wanted = [x for x in leaves if x is not None and x.requires_grad]
+    grads = iter(torch.autograd.grad(objective, wanted, allow_unused=True))
+    out = [next(grads) if x is not None and x.requires_grad else None for x in leaves]
+    return tuple(g if g is not None or x is None or not x.requires_grad else torch.zeros_like(x)
+                 for g, x in zip(out, leaves))
 
 
 def run_design(design, hidden, weight, bias, targets, g_lp, g_ent, temperature=1.0, **kwargs):
@@ -88,8 +93,7 @@ def test_odd_shape_with_masked_tokens(design, make_linear_inputs, device):
     hidden, weight, bias, targets = make_linear_inputs(257, 96, 1003, ignore_every=7)
     g_lp, g_ent = upstream(257, "both", device)
     # statistics from the reference (the forward kernel has its own odd-shape test): halves the run time
-    _, entropy, lse = torch_full.linear_stats(hidden.double(), weight.double(), bias.double(), targets,
-                                              temperature=0.9)
+    _, entropy, lse = reference.token_stats(hidden.double(), weight.double(), bias.double(), targets, 0.9)
     stats = dict(lse=lse.float().to(device), entropy=entropy.float().to(device))
     if design == "chunked":
         got = linear_grad_chunked(hidden, weight, bias, targets, **stats, grad_logprobs=g_lp, grad_entropy=g_ent,

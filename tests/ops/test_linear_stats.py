@@ -1,10 +1,10 @@
-"""``ops.linear_stats.linear_stats_fwd`` against the full-logits float64 reference (``backends.torch_full``)."""
+"""``ops.linear_stats.linear_stats_fwd`` against the float64 full-logits oracle (``reference.token_stats``)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from erpo_kernels.backends import torch_full
+from erpo_kernels import reference
 from erpo_kernels.ops.linear_stats import linear_stats_fwd
 from tests.helpers import assert_close
 
@@ -12,7 +12,7 @@ from tests.helpers import assert_close
 def reference_stats(hidden, weight, bias, targets, temperature=1.0, ignore_index=-100):
     """Float64 full-logits statistics of the given (possibly bf16-rounded) inputs, on the CPU."""
     up = [x.detach().cpu().double() if x is not None else None for x in (hidden, weight, bias)]
-    return torch_full.linear_stats(*up, targets.cpu(), temperature=temperature, ignore_index=ignore_index)
+    return reference.token_stats(*up, targets.cpu(), temperature, ignore_index)
 
 
 def check_stats(got, expected, targets, ignore_index, rtol, atol):
@@ -124,6 +124,6 @@ def test_more_tokens_than_a_grid_axis_holds():
     weight = torch.randn(vocab, dim, device="cuda", generator=gen) / dim ** 0.5
     targets = torch.randint(0, vocab, (n_tokens,), device="cuda", generator=gen)
     got = linear_stats_fwd(hidden, weight, None, targets)
-    expected = torch_full.linear_stats(hidden, weight, None, targets)
+    expected = reference.token_stats(hidden, weight, None, targets)
     for name, g, e in zip(("logprobs", "entropy", "lse"), got, expected):
         assert_close(g, e, rtol=1e-4, atol=1e-4, name=name)

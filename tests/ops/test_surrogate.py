@@ -1,30 +1,19 @@
 """ops.surrogate: the Triton per-token surrogate against reference.per_token_loss (values, indicators, grads),
 and the whole erpo_loss on the "triton" backend against the "chunked" one."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from erpo_kernels import erpo_loss, reference  # noqa: E402
-from erpo_kernels.backends import triton as triton_backend  # noqa: E402
-from erpo_kernels.ops.surrogate import surrogate_triton  # noqa: E402
-from tests.helpers import assert_close, make_batch, small_config  # noqa: E402
+from erpo_kernels import erpo_loss, reference
+from erpo_kernels.backends import triton as triton_backend
+from erpo_kernels.ops.surrogate import surrogate_triton
+from tests import twins
+from tests.helpers import assert_close, make_batch, make_surrogate_inputs, small_config
 
 INDICATORS = ("clip_low", "clip_high", "dual_clip")
 
 
 def _inputs(shape=(7, 23), seed=0, spread=0.8):
-    """lp = lp_old + spread * noise, so ratios fall below, inside and above the clip range; A of both signs."""
-    gen = torch.Generator().manual_seed(seed)
-    old = -torch.rand(shape, generator=gen) * 4 - 0.01
-    lp = old + spread * torch.randn(shape, generator=gen)
-    ref = old - 0.3 * torch.randn(shape, generator=gen)
-    entropy = torch.rand(shape, generator=gen) * 3
-    adv = torch.randn(shape, generator=gen)
-    upstream = torch.randn(shape, generator=gen)           # d(objective)/d(token loss), not all ones
-    return dict(lp=lp, entropy=entropy, adv=adv, old=old, ref=ref, upstream=upstream)
+    return make_surrogate_inputs(shape, seed, spread)
 
 
 def _run(fn, x, config, dtype, use_old=True, use_ref=True, device="cpu"):
@@ -74,6 +63,22 @@ def test_matches_reference(config, device):
         assert bool(got[1]["clip_low"].any()) and bool(got[1]["clip_high"].any())  # every branch is reached
     else:
         assert bool(got[1]["dual_clip"].any())
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_matches_hand_written_twin(config, device):
+    """The kernel against tests/twins.py (not the oracle): loss and both gradients."""
+    x = _inputs(seed=20 + list(CONFIGS.values()).index(config))
+    loss, _, grad_lp, grad_entropy = _run(surrogate_triton, x, config, torch.float32, device=device)
+    lp, entropy = x["lp"].double().requires_grad_(), x["entropy"].double().requires_grad_()
+    expected = twins.token_loss(lp, x["adv"].double(), x["old"].double(), x["ref"].double(), entropy,
+                                config.eps_low, config.eps_high, config.dual_clip_c, config.kl_beta,
+                                config.entropy_coef)
+    (expected * x["upstream"].double()).sum().backward()
+    assert_close(loss, expected, name="token_loss")
+    assert_close(grad_lp, lp.grad, name="grad_logprobs")
+    if config.entropy_coef:
+        assert_close(grad_entropy, entropy.grad, name="grad_entropy")
 
 
 @pytest.mark.parametrize("use_old,use_ref", [(False, True), (True, False), (False, False)],
