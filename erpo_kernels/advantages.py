@@ -13,6 +13,7 @@ import torch
 from erpo_kernels import reference
 from erpo_kernels.backends import get_backend
 from erpo_kernels.config import ERPOConfig
+from erpo_kernels.validation import as_groups
 
 Tensor = torch.Tensor
 
@@ -57,12 +58,6 @@ def segment_mean_std(values: Tensor, cells: Tensor, valid: Tensor, num_cells: in
     return mean[flat_cells].reshape(shape), var.sqrt()[flat_cells].reshape(shape), count[flat_cells].reshape(shape)
 
 
-def dense_group_index(group_ids: Tensor) -> Tuple[Tensor, int]:
-    """Map arbitrary group ids [B] to 0..G-1, and G."""
-    unique, inverse = torch.unique(group_ids, return_inverse=True)
-    return inverse, unique.numel()
-
-
 def global_sum(x: Tensor) -> None:
     """In-place sum over the ranks of torch.distributed's default group (a no-op when not initialized)."""
     import torch.distributed as dist
@@ -82,23 +77,22 @@ def _gate_cells(group_index: Tensor, num_groups: int, shape, scope: str) -> Tupl
 def _topk_gate(entropy: Tensor, mask: Tensor, cells: Tensor, num_cells: int, frac: float) -> Tensor:
     """Hard gate: 1 where entropy >= the k-th largest of its cell (k = ceil(frac * n_cell)).
 
-    A segmented sort (by entropy descending, then stably by cell) finds every cell's threshold at
-    once; no torch.quantile (it fails past 2^24 elements).
+    One segmented sort finds every cell's threshold at once: by entropy descending with the tokens off the
+    mask last (-inf), then stably by cell, so each cell's completion tokens lead its segment, largest first.
+    No torch.quantile (it fails past 2^24 elements), no boolean indexing (a device sync).
     """
-    flat_h, flat_cells, flat_mask = entropy.reshape(-1), cells.reshape(-1), mask.reshape(-1)
-    h = flat_h[flat_mask]
-    c = flat_cells[flat_mask]
-    if h.numel() == 0:
-        return torch.zeros_like(entropy)
-    order = torch.sort(h, descending=True, stable=True).indices
-    order = order[torch.sort(c[order], stable=True).indices]
-    sorted_h = h[order]
-    count = torch.bincount(c, minlength=num_cells)
-    start = torch.cumsum(count, 0) - count
+    flat_mask, flat_cells = mask.reshape(-1), cells.reshape(-1)
+    flat_h = torch.where(flat_mask, entropy.reshape(-1), -math.inf)
+    order = torch.sort(flat_h, descending=True, stable=True).indices
+    order = order[torch.sort(flat_cells[order], stable=True).indices]
+    sorted_h = flat_h[order]
+    per_cell = lambda x: torch.zeros(num_cells, dtype=torch.long, device=x.device).index_add_(  # noqa: E731
+        0, flat_cells, x.long())
+    count, size = per_cell(flat_mask), per_cell(torch.ones_like(flat_mask))
+    start = torch.cumsum(size, 0) - size
     k = torch.ceil(count.to(torch.float64) * frac).long().clamp_min(1)
-    present = count > 0
-    threshold = torch.full((num_cells,), float("inf"), dtype=entropy.dtype, device=entropy.device)
-    threshold[present] = sorted_h[(start + k - 1)[present]]
+    position = (start + k - 1).clamp_max(max(flat_h.numel() - 1, 0))
+    threshold = torch.where(count > 0, sorted_h[position], math.inf)
     return ((flat_h >= threshold[flat_cells]) & flat_mask).to(entropy.dtype).reshape(entropy.shape)
 
 
@@ -144,11 +138,12 @@ def bucket_index(mask: Tensor, entropy: Tensor, config: ERPOConfig) -> Tensor:
 def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entropy: Tensor,
                      old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], config: ERPOConfig,
                      token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None) -> Advantages:
-    """Vectorized twin of :func:`erpo_kernels.reference.token_advantages` (same arguments)."""
+    """Vectorized twin of :func:`erpo_kernels.reference.token_advantages` (same arguments; ``group_ids`` may
+    be a resolved :class:`erpo_kernels.validation.Groups`, then nothing here reads from the device)."""
     mask = mask.bool()
     dtype = old_entropy.dtype
     rewards = rewards.to(dtype)
-    group_index, num_groups = dense_group_index(group_ids)
+    group_index, num_groups, _ = as_groups(group_ids)
     every_row = torch.ones_like(rewards, dtype=torch.bool)
     r_mean, r_std, _ = segment_mean_std(rewards, group_index, every_row, num_groups)
     r_max = torch.full((num_groups,), -math.inf, dtype=dtype, device=rewards.device).scatter_reduce(
@@ -190,9 +185,9 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
     return Advantages(adv.detach(), gate.detach(), seq_adv.detach(), bucket, signal.detach(), zero_var)
 
 
-def reference_token_advantages(*args) -> Advantages:
+def reference_token_advantages(rewards, mask, group_ids, *args) -> Advantages:
     """:func:`erpo_kernels.reference.token_advantages` (same arguments) as an :class:`Advantages`."""
-    out = reference.token_advantages(*args)
+    out = reference.token_advantages(rewards, mask, as_groups(group_ids).index, *args)
     return Advantages(out["advantages"], out["gate"], out["seq_advantage"], out["bucket"], out["signal"],
                       out["zero_var"])
 
@@ -229,14 +224,15 @@ def erpo_advantages(rewards, mask: Tensor, old_entropy: Tensor, old_logprobs: Op
     """
     from erpo_kernels import validation as v
     config = config or ERPOConfig()
+    checks = v.ValueChecks(config.check_values)
     v.check_float("old_entropy", old_entropy, ndim=2)
     shape, device = tuple(old_entropy.shape), old_entropy.device
-    mask = v.check_mask(mask, shape, device)
-    if not bool(mask.any()):
-        v.fail("mask", mask, "at least one completion token in the batch")
-    rewards = v.check_rewards(rewards, shape[0], device)
-    group_ids = v.resolve_groups(shape[0], device, group_size, group_ids)
-    v.check_token_inputs(shape, device, mask, old_entropy=old_entropy, old_logprobs=old_logprobs,
+    mask = v.check_mask(mask, shape, device, checks)
+    v.check_some_tokens(mask, mask, checks, "at least one completion token in the batch")
+    rewards = v.check_rewards(rewards, shape[0], device, checks)
+    groups = v.resolve_groups(shape[0], device, group_size, group_ids)
+    v.check_token_inputs(shape, device, mask, checks, old_entropy=old_entropy, old_logprobs=old_logprobs,
                          ref_logprobs=ref_logprobs, token_weights=token_weights, gates=gates)
-    return compute_advantages(rewards, mask, group_ids, old_entropy, old_logprobs, ref_logprobs, config,
+    checks.run()
+    return compute_advantages(rewards, mask, groups, old_entropy, old_logprobs, ref_logprobs, config,
                               token_weights, gates, backend)

@@ -77,6 +77,8 @@ class ERPOConfig:
     ignore_index: int = -100
     chunk_size: Optional[int] = None       # tokens per [chunk, V] logits block; None = 32 MiB (CPU) / 1 GiB (CUDA)
     fused_train: bool = True               # 3-matmul sweep (loss + grads at once) where it applies
+    check_values: bool = True              # value checks of the inputs (one device read per call); False
+                                           # for production runs that trust their inputs: no read at all
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -110,7 +112,8 @@ class ERPOConfig:
         choice("progress", PROGRESS)
         choice("polarity", POLARITIES)
         choice("aggregation", AGGREGATIONS)
-        for name in ("std_normalize", "progress_term", "gate_normalize", "bucket_normalize", "fused_train"):
+        for name in ("std_normalize", "progress_term", "gate_normalize", "bucket_normalize", "fused_train",
+                     "check_values"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ERPOConfig.{name}: got {getattr(self, name)!r}, expected a bool")
         for name in ("eps", "temperature", "holder_p"):

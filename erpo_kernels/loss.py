@@ -8,7 +8,7 @@ d loss / d H) -> the stats Function's backward (logits recomputed chunk by chunk
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from erpo_kernels.advantages import compute_advantages
 from erpo_kernels.backends import get_backend
 from erpo_kernels.config import ERPOConfig
 from erpo_kernels.fused import FusedLinearLoss, SweepTerms, fused_path_applies
+from erpo_kernels.metrics import Metrics, loss_metrics
 from erpo_kernels.stats import StatsOptions, linear_token_stats
 
 Tensor = torch.Tensor
@@ -26,46 +27,14 @@ Tensor = torch.Tensor
 
 @dataclass
 class ERPOOutput:
-    """loss: scalar; metrics: plain floats; advantages, logprobs, entropy: [B, T] (detached)."""
+    """loss: scalar; metrics: a mapping of floats over 0-dim device tensors, read from the device (all at once)
+    only when a value is first read (:class:`erpo_kernels.metrics.Metrics`); advantages, logprobs, entropy:
+    [B, T] (detached)."""
     loss: Tensor
-    metrics: Dict[str, float] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=lambda: Metrics({}))
     advantages: Optional[Tensor] = None
     logprobs: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> float:
-    return float(torch.where(mask > 0, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1))
-
-
-def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor, old_entropy: Tensor,
-                 adv, info: Dict[str, Tensor], ref_logprobs: Optional[Tensor], group_ids: Tensor) -> Dict[str, float]:
-    """Plain-float training metrics, each a mean over the completion tokens unless named otherwise."""
-    m = valid.to(entropy.dtype)
-    gate_on = adv.gate[valid]
-    metrics = {
-        "loss": float(loss.detach()),
-        "num_tokens": float(m.sum()),
-        "entropy": _masked_mean(entropy.detach(), m),
-        "old_entropy": _masked_mean(old_entropy, m),
-        "logprob": _masked_mean(logprobs.detach(), m),
-        "ratio": _masked_mean(info["ratio"], m),
-        "clip_frac": _masked_mean((info["clip_low"] | info["clip_high"]).to(m.dtype), m),
-        "clip_frac_low": _masked_mean(info["clip_low"].to(m.dtype), m),
-        "clip_frac_high": _masked_mean(info["clip_high"].to(m.dtype), m),
-        "dual_clip_frac": _masked_mean(info["dual_clip"].to(m.dtype), m),
-        "gate_mean": float(gate_on.mean()) if gate_on.numel() else 0.0,
-        "gate_frac_above_half": float((gate_on > 0.5).float().mean()) if gate_on.numel() else 0.0,
-        "adv_mean": _masked_mean(adv.advantages, m),
-        "adv_abs_mean": _masked_mean(adv.advantages.abs(), m),
-        "progress_signal_abs_mean": _masked_mean(adv.signal.abs(), m),
-        "zero_var_groups": float(torch.unique(group_ids[adv.zero_var]).numel()),
-        "num_groups": float(torch.unique(group_ids).numel()),
-    }
-    if ref_logprobs is not None:
-        delta = (ref_logprobs - logprobs.detach())
-        metrics["kl"] = _masked_mean(torch.exp(delta) - delta - 1.0, m)
-    return metrics
 
 
 def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *,
@@ -82,23 +51,28 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
     Without ``old_entropy`` the current policy's entropy (detached) is used: exact on the first
     update of an on-policy batch, and free (the same stats pass provides it).  With it (and a
     linear aggregation), loss and gradients come from one 3-matmul sweep (:mod:`erpo_kernels.fused`).
+
+    Device reads: the value checks of the inputs, all in one read (none with
+    ``ERPOConfig(check_values=False)``); none for the groups when ``group_size`` is given (``group_ids``
+    cost one torch.unique); metrics stay on the device until read.
     """
     config = config or ERPOConfig()
     if not isinstance(config, ERPOConfig):
         v.fail("config", config, "an ERPOConfig")
+    checks = v.ValueChecks(config.check_values)
     weight, bias = v.unpack_lm_head(lm_head, bias)
-    v.check_linear_inputs(hidden, weight, bias, targets, config.ignore_index)
+    v.check_linear_inputs(hidden, weight, bias, targets, config.ignore_index, checks)
     if targets.dim() != 2:
         v.fail("targets", targets, "[B, T] (one row per sampled response)")
     shape, device = tuple(targets.shape), hidden.device
-    mask = v.check_mask(mask, shape, device)
+    mask = v.check_mask(mask, shape, device, checks)
     valid = mask & (targets != config.ignore_index)
-    if not bool(valid.any()):
-        v.fail("mask", mask, "at least one completion token (not ignore_index) in the batch")
-    rewards = v.check_rewards(rewards, shape[0], device)
-    group_ids = v.resolve_groups(shape[0], device, group_size, group_ids)
-    v.check_token_inputs(shape, device, valid, old_entropy=old_entropy, old_logprobs=old_logprobs,
+    v.check_some_tokens(valid, mask, checks, "at least one completion token (not ignore_index) in the batch")
+    rewards = v.check_rewards(rewards, shape[0], device, checks)
+    groups = v.resolve_groups(shape[0], device, group_size, group_ids)
+    v.check_token_inputs(shape, device, valid, checks, old_entropy=old_entropy, old_logprobs=old_logprobs,
                          ref_logprobs=ref_logprobs, token_weights=token_weights, gates=gates)
+    checks.run()
 
     options = StatsOptions(get_backend(backend, device), config.temperature, config.ignore_index,
                            config.chunk_size)
@@ -110,7 +84,7 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
                                                                  options.backend):
         # advantages first (they need only old statistics), then one sweep: loss and grads
         stats_entropy = as_stats(old_entropy)
-        adv = compute_advantages(rewards, valid, group_ids, stats_entropy, old_lp, ref_lp, config,
+        adv = compute_advantages(rewards, valid, groups, stats_entropy, old_lp, ref_lp, config,
                                  token_weights, gates, options.backend)
         flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
         terms = SweepTerms(flat(adv.advantages), flat(surrogate.aggregation_weights(valid, config, dtype)),
@@ -119,23 +93,22 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards, *
         loss, logprobs, entropy = FusedLinearLoss.apply(flat_hidden, weight, bias, targets.reshape(-1), terms,
                                                         options)
         logprobs, entropy = logprobs.view(shape), entropy.view(shape)
-        recorded = terms.recorded
-        info = dict(ratio=recorded.ratio.view(shape), clip_low=recorded.clip_low.view(shape),
-                    clip_high=recorded.clip_high.view(shape), dual_clip=recorded.dual_clip.view(shape))
+        info = {name: getattr(terms.recorded, name).view(shape)
+                for name in ("ratio", "clip_low", "clip_high", "dual_clip")}
         ref_lp = surrogate.fill_off_mask(ref_lp, valid, logprobs)
     else:
         stats = linear_token_stats(hidden, weight, bias, targets, options)
         logprobs, entropy = stats.logprobs, stats.entropy
         stats_entropy = as_stats(old_entropy) if old_entropy is not None else entropy.detach()
         stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
-        adv = compute_advantages(rewards, valid, group_ids, stats_entropy, stats_logprobs, ref_lp, config,
+        adv = compute_advantages(rewards, valid, groups, stats_entropy, stats_logprobs, ref_lp, config,
                                  token_weights, gates, options.backend)
         old_lp = surrogate.fill_off_mask(old_lp, valid, logprobs)
         ref_lp = surrogate.fill_off_mask(ref_lp, valid, logprobs)
         per_token_loss = getattr(options.backend, "per_token_loss", surrogate.per_token_loss)
         token_loss, info = per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
         loss = surrogate.aggregate(token_loss, valid, config)
-    metrics = loss_metrics(loss, valid, logprobs, entropy, stats_entropy, adv, info, ref_lp, group_ids)
+    metrics = loss_metrics(loss, valid, logprobs, entropy, stats_entropy, adv, info, ref_lp, groups)
     return ERPOOutput(loss, metrics, adv.advantages, logprobs.detach(), entropy.detach())
 
 

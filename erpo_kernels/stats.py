@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from erpo_kernels.backends import get_backend
-from erpo_kernels.validation import check_linear_inputs, unpack_lm_head
+from erpo_kernels.validation import ValueChecks, check_linear_inputs, unpack_lm_head
 
 Tensor = torch.Tensor
 
@@ -74,19 +74,22 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1.0, *,
                 bias: Optional[Tensor] = None, ignore_index: int = -100, backend: str = "auto",
-                chunk_size: Optional[int] = None) -> TokenStats:
+                chunk_size: Optional[int] = None, check_values: bool = True) -> TokenStats:
     """Per-token log-prob of ``targets``, entropy and logsumexp of softmax((hidden @ W.T + b) / temperature).
 
     hidden [B, T, H] or [N, H]; lm_head an nn.Linear or its weight [V, H]; targets [B, T] / [N] ids
     (``ignore_index`` gives logprob 0).  Never builds [N, V] logits (except backend="torch").
     Differentiable in both logprobs and entropy; under ``torch.no_grad()`` it is the cheap
-    old-policy / reference pass.
+    old-policy / reference pass.  ``check_values=False`` skips the value checks (finite hidden states,
+    targets in the vocabulary): then the call reads nothing back from the device.
     """
     weight, bias = unpack_lm_head(lm_head, bias)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature: got {temperature!r}, expected a number > 0")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: got {chunk_size!r}, expected an int >= 1")
-    check_linear_inputs(hidden, weight, bias, targets, ignore_index)
+    checks = ValueChecks(check_values)
+    check_linear_inputs(hidden, weight, bias, targets, ignore_index, checks)
+    checks.run()
     options = StatsOptions(get_backend(backend, hidden.device), float(temperature), ignore_index, chunk_size)
     return linear_token_stats(hidden, weight, bias, targets, options)

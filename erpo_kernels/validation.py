@@ -1,9 +1,17 @@
-"""Input checks at the public entry points: every failure is a ValueError naming the argument,
-what it got and what was expected.  Kernels and backends assume validated inputs.
+"""Input checks at the public entry points: every failure is a ValueError naming the argument, what it got and
+what was expected.  Kernels and backends assume validated inputs.
+
+Two kinds of check.  Shapes, dtypes and devices are metadata: free, always done.  Values (finite hidden states
+and rewards, targets in the vocabulary, 0/1 masks, log-probs <= 0, entropy >= 0, at least one completion token)
+live on the device: each check adds a 0-dim count (and a detail for the message) to a :class:`ValueChecks`,
+and ``run()`` reads them all with one device->host transfer, the one sync a call allows itself for its
+inputs.  ``ERPOConfig(check_values=False)`` skips the value checks for production runs that trust their
+inputs: then a call reads nothing from the device.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +32,31 @@ def fail(name: str, got, expected: str):
     raise ValueError(f"{name}: got {describe(got) if not isinstance(got, str) else got}, expected {expected}")
 
 
+class ValueChecks:
+    """Value checks collected as device tensors and read at once.  ``add(name, x, bad, expected, detail)``:
+    ``bad`` a 0-dim count of offending entries, ``detail(d)`` words for the message from the 0-dim ``detail``
+    tensor's value (e.g. the largest offending value)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._items: List[Tuple[str, Tensor, Tensor, Callable[[float, float], str], Tensor]] = []
+
+    def add(self, name: str, x: Tensor, bad: Tensor, expected: Callable[[float, float], str],
+            detail: Optional[Tensor] = None) -> None:
+        if self.enabled:
+            self._items.append((name, x, bad, expected, bad if detail is None else detail))
+
+    def run(self) -> None:
+        """One device read for every check added; raise for the first that fails."""
+        if not self._items:
+            return
+        values = torch.stack([torch.stack([bad.double(), detail.double()]) for _, _, bad, _, detail in self._items])
+        for (name, x, _, expected, _), (count, detail) in zip(self._items, values.tolist()):
+            if count > 0:
+                fail(name, x, expected(count, detail))
+        self._items.clear()
+
+
 def unpack_lm_head(lm_head, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """Accept an nn.Linear (weight [V, H], optional bias) or its weight tensor."""
     if isinstance(lm_head, nn.Linear):
@@ -35,7 +68,8 @@ def unpack_lm_head(lm_head, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Te
     return lm_head, bias
 
 
-def check_float(name: str, x, ndim: Optional[int] = None, shape=None, device=None, finite: bool = False):
+def check_float(name: str, x, ndim: Optional[int] = None, shape=None, device=None) -> None:
+    """Metadata checks of a floating-point tensor (no device read)."""
     if not isinstance(x, Tensor):
         fail(name, x, "a torch.Tensor")
     if x.dtype not in FLOAT_DTYPES:
@@ -46,22 +80,26 @@ def check_float(name: str, x, ndim: Optional[int] = None, shape=None, device=Non
         fail(name, x, f"shape {tuple(shape)}")
     if device is not None and x.device != device:
         fail(name, x, f"device {device} (the device of hidden)")
-    if finite and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        fail(name, x, f"finite values ({bad} NaN/inf entries)")
+
+
+def _nonfinite(x: Tensor, where: Optional[Tensor] = None) -> Tensor:
+    bad = ~torch.isfinite(x)
+    return (bad if where is None else bad & where).sum()
 
 
 def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                        ignore_index: int) -> None:
-    """hidden [..., H] float, finite; weight [V, H]; bias [V]; targets [...] int in [0, V) or ignore_index."""
-    check_float("hidden", hidden, finite=True)
+                        ignore_index: int, checks: ValueChecks, weight_name: str = "lm_head") -> None:
+    """hidden [..., H] float, finite; weight [V, H]; bias [V]; targets [...] int in [0, V) or ignore_index.
+    ``weight_name`` is what the caller called the weight argument."""
+    check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         fail("hidden", hidden, "[B, T, H] or [N, H]")
-    check_float("weight", weight, ndim=2, device=hidden.device)
-    if weight.shape[1] != hidden.shape[-1]:
-        fail("weight", weight, f"[V, H] with H = {hidden.shape[-1]} (the last dim of hidden)")
+    check_float(weight_name, weight, device=hidden.device)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        fail(weight_name, weight, f"a weight [V, H] with H = {hidden.shape[-1]} (the last dim of hidden)")
     if weight.dtype != hidden.dtype:
-        fail("weight", weight, f"dtype {hidden.dtype} (the dtype of hidden)")
+        fail(weight_name, weight, f"dtype {hidden.dtype}, the dtype of hidden (hidden is {hidden.dtype}, "
+                                  f"{weight_name} is {weight.dtype}: cast one to the other)")
     if bias is not None:
         check_float("bias", bias, shape=(weight.shape[0],), device=hidden.device)
     if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
@@ -71,58 +109,77 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     if targets.numel() != hidden.numel() // max(hidden.shape[-1], 1) or (
             hidden.dim() == 3 and tuple(targets.shape) != tuple(hidden.shape[:2])):
         fail("targets", targets, f"one id per token of hidden {tuple(hidden.shape)}")
+    checks.add("hidden", hidden, _nonfinite(hidden), lambda n, _: f"finite values ({n:.0f} NaN/inf entries)")
     vocab = weight.shape[0]
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        example = int(targets[bad].reshape(-1)[0])
-        fail("targets", targets, f"ids in [0, {vocab}) or ignore_index={ignore_index} (found {example})")
+    flat = targets.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    example = flat[bad.to(torch.uint8).argmax()] if flat.numel() else bad.sum()   # the first offending id
+    checks.add("targets", targets, bad.sum(),
+               lambda n, found: f"ids in [0, {vocab}) or ignore_index={ignore_index} (found {found:.0f})", example)
 
 
-def check_token_tensor(name: str, x, shape, device, mask: Tensor, finite: bool = True,
-                       max_value: Optional[float] = None, min_value: Optional[float] = None):
-    """A per-token float tensor [B, T]; value bounds are checked on the masked tokens only."""
+def check_token_tensor(name: str, x, shape, device, mask: Tensor, checks: ValueChecks,
+                       max_value: Optional[float] = None, min_value: Optional[float] = None) -> None:
+    """A per-token float tensor [B, T]: finite, and within bounds, on the masked tokens only."""
     if x is None:
         return
     check_float(name, x, shape=shape, device=device)
-    values = x[mask]
-    if finite and not bool(torch.isfinite(values).all()):
-        fail(name, x, "finite values on the completion mask")
-    if max_value is not None and values.numel() and float(values.max()) > max_value:
-        fail(name, x, f"values <= {max_value} on the mask (max found {float(values.max()):.4g}; "
-                      "log-probs cannot be positive)")
-    if min_value is not None and values.numel() and float(values.min()) < min_value:
-        fail(name, x, f"values >= {min_value} on the mask (min found {float(values.min()):.4g}; "
-                      "entropy cannot be negative)")
+    checks.add(name, x, _nonfinite(x, mask), lambda n, _: "finite values on the completion mask")
+    if max_value is not None:
+        top = torch.where(mask, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
+        checks.add(name, x, (top > max_value).sum(), lambda _, found: f"values <= {max_value} on the mask (max "
+                   f"found {found:.4g}; log-probs cannot be positive)", top)
+    if min_value is not None:
+        low = torch.where(mask, x, math.inf).amin() if x.numel() else x.new_tensor(math.inf)
+        checks.add(name, x, (low < min_value).sum(), lambda _, found: f"values >= {min_value} on the mask (min "
+                   f"found {found:.4g}; entropy cannot be negative)", low)
 
 
-def check_token_inputs(shape, device, mask: Tensor, *, old_entropy=None, old_logprobs=None, ref_logprobs=None,
-                       token_weights=None, gates=None) -> None:
+def check_token_inputs(shape, device, mask: Tensor, checks: ValueChecks, *, old_entropy=None, old_logprobs=None,
+                       ref_logprobs=None, token_weights=None, gates=None) -> None:
     """The optional per-token inputs [B, T] of the loss and the advantages, bounds checked on ``mask``:
     log-probs <= 0, entropy >= 0, gates >= 0 (each up to rounding), all finite."""
-    check_token_tensor("old_entropy", old_entropy, shape, device, mask, min_value=-LOGPROB_TOLERANCE)
-    check_token_tensor("old_logprobs", old_logprobs, shape, device, mask, max_value=LOGPROB_TOLERANCE)
-    check_token_tensor("ref_logprobs", ref_logprobs, shape, device, mask, max_value=LOGPROB_TOLERANCE)
-    check_token_tensor("token_weights", token_weights, shape, device, mask)
-    check_token_tensor("gates", gates, shape, device, mask, min_value=0.0)
+    check_token_tensor("old_entropy", old_entropy, shape, device, mask, checks, min_value=-LOGPROB_TOLERANCE)
+    check_token_tensor("old_logprobs", old_logprobs, shape, device, mask, checks, max_value=LOGPROB_TOLERANCE)
+    check_token_tensor("ref_logprobs", ref_logprobs, shape, device, mask, checks, max_value=LOGPROB_TOLERANCE)
+    check_token_tensor("token_weights", token_weights, shape, device, mask, checks)
+    check_token_tensor("gates", gates, shape, device, mask, checks, min_value=0.0)
 
 
-def check_mask(mask, shape, device) -> Tensor:
-    """mask [B, T], bool or 0/1 numbers -> bool."""
+def check_mask(mask, shape, device, checks: ValueChecks) -> Tensor:
+    """mask [B, T], bool or 0/1 numbers -> bool (a non-bool mask's values are checked to be 0/1)."""
     if not isinstance(mask, Tensor):
         fail("mask", mask, f"a bool or 0/1 tensor of shape {tuple(shape)}")
     if tuple(mask.shape) != tuple(shape) or mask.device != device:
         fail("mask", mask, f"shape {tuple(shape)} on {device}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
-            fail("mask", mask, "0/1 values")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            fail("mask", mask, "only 0/1 values")
-        mask = mask != 0
-    return mask
+    if mask.dtype == torch.bool:
+        return mask
+    checks.add("mask", mask, ((mask != 0) & (mask != 1)).sum(), lambda n, _: "only 0/1 values")
+    return mask != 0
 
 
-def resolve_groups(batch: int, device, group_size: Optional[int], group_ids: Optional[Tensor]) -> Tensor:
-    """group_ids [B] int64 from ``group_size`` (consecutive rows) or explicit ``group_ids``."""
+def check_some_tokens(valid: Tensor, mask: Tensor, checks: ValueChecks, what: str) -> None:
+    checks.add("mask", mask, (valid.sum() == 0).to(torch.int64), lambda n, _: what)
+
+
+class Groups(NamedTuple):
+    """The rows' groups: ``index`` [B] int64 in [0, count); ``size`` rows per group when the groups are
+    consecutive blocks of ``group_size`` rows (then nothing about them needs a device read), else None."""
+    index: Tensor
+    count: int
+    size: Optional[int] = None
+
+
+def as_groups(group_ids) -> Groups:
+    """Groups from arbitrary group ids [B] (one torch.unique, a device read), or a Groups unchanged."""
+    if isinstance(group_ids, Groups):
+        return group_ids
+    unique, inverse = torch.unique(group_ids, return_inverse=True)
+    return Groups(inverse, unique.numel())
+
+
+def resolve_groups(batch: int, device, group_size: Optional[int], group_ids: Optional[Tensor]) -> Groups:
+    """Groups from ``group_size`` (consecutive rows; no device read) or explicit ``group_ids`` [B]."""
     if (group_size is None) == (group_ids is None):
         raise ValueError("group_size / group_ids: got "
                          f"{'both' if group_size is not None else 'neither'}, expected exactly one")
@@ -130,18 +187,19 @@ def resolve_groups(batch: int, device, group_size: Optional[int], group_ids: Opt
         if not isinstance(group_ids, Tensor) or group_ids.dtype not in (torch.int64, torch.int32) \
                 or tuple(group_ids.shape) != (batch,):
             fail("group_ids", group_ids, f"an int64 tensor of shape ({batch},)")
-        return group_ids.to(device=device, dtype=torch.long)
+        return as_groups(group_ids.to(device=device, dtype=torch.long))
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         fail("group_size", group_size, "a positive int")
     if batch % group_size:
         fail("group_size", f"{group_size} with batch size {batch}", "a divisor of the batch size")
-    return torch.arange(batch, device=device) // group_size
+    return Groups(torch.arange(batch, device=device) // group_size, batch // group_size, group_size)
 
 
-def check_rewards(rewards, batch: int, device) -> Tensor:
+def check_rewards(rewards, batch: int, device, checks: ValueChecks) -> Tensor:
     if not isinstance(rewards, Tensor):
         rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
     elif not rewards.is_floating_point():
         rewards = rewards.float()  # 0/1 integer or bool rewards are fine
-    check_float("rewards", rewards, shape=(batch,), device=device, finite=True)
+    check_float("rewards", rewards, shape=(batch,), device=device)
+    checks.add("rewards", rewards, _nonfinite(rewards), lambda n, _: f"finite values ({n:.0f} NaN/inf entries)")
     return rewards

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from erpo_kernels import erpo_advantages, erpo_loss, token_stats
+from erpo_kernels import backends, erpo_advantages, erpo_loss, token_stats
 from tests.helpers import make_batch, small_config
 
 
@@ -26,8 +26,10 @@ BAD = {
     "hidden_nan": (dict(hidden=_nan_at(make_batch(seed=1)["hidden"], (0, 0, 0))), "hidden"),
     "hidden_int": (dict(hidden=torch.ones(B, T, H, dtype=torch.long)), "hidden"),
     "hidden_1d": (dict(hidden=torch.randn(H)), "hidden"),
-    "weight_wrong_H": (dict(lm_head=torch.randn(V, H + 1)), "weight"),
-    "weight_dtype": (dict(lm_head=torch.randn(V, H, dtype=torch.float64)), "weight"),
+    "weight_wrong_H": (dict(lm_head=torch.randn(V, H + 1)), "lm_head"),
+    "weight_1d": (dict(lm_head=torch.randn(H)), "lm_head"),
+    "weight_dtype": (dict(lm_head=torch.randn(V, H, dtype=torch.float64)),
+                     "lm_head: .*expected dtype torch.float32, the dtype of hidden .*lm_head is torch.float64"),
     "lm_head_type": (dict(lm_head="lm_head"), "lm_head"),
     "targets_out_of_vocab": (dict(targets=torch.full((B, T), V)), "targets"),
     "targets_negative": (dict(targets=torch.full((B, T), -5)), "targets"),
@@ -63,15 +65,22 @@ def test_bad_input_names_argument(case):
 
 def test_tensors_on_another_device():
     batch = make_batch(seed=1)
-    with pytest.raises(ValueError, match="^weight"):
+    with pytest.raises(ValueError, match="^lm_head"):
         erpo_loss(**_args(lm_head=batch["weight"].to("meta")))
     with pytest.raises(ValueError, match="^old_logprobs"):
         erpo_loss(**_args(old_logprobs=batch["old_logprobs"].to("meta")))
 
 
-def test_bad_backend_and_triton_on_cpu():
-    with pytest.raises(ValueError, match="backend"):
+def test_bad_backend_and_triton_on_cpu(monkeypatch):
+    with pytest.raises(ValueError, match="^backend: got 'cuda'"):
         erpo_loss(**_args(), backend="cuda")
+    # CPU tensors and no interpreter: Triton cannot run them.  (The flag is patched where the backend reads it,
+    # not in the environment: Triton caches TRITON_INTERPRET when it is first imported.)
+    monkeypatch.setattr(backends, "interpreter_enabled", lambda: False)
+    with pytest.raises(ValueError, match="backend='triton': tensors are on cpu, expected CUDA tensors"):
+        erpo_loss(**_args(), backend="triton")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        token_stats(torch.randn(5, 4), torch.randn(7, 4), torch.zeros(5, dtype=torch.long), backend="triton")
 
 
 def test_token_stats_validation():

@@ -21,8 +21,9 @@ Statistics run in fp32 (fp64 for fp64 inputs); outputs have ``old_entropy``'s dt
 a segmented sort), and its W then enters the synthesis kernel like caller-given gates; so does
 ``gate_scope="global"`` (its statistics need a torch.distributed all-reduce). The batch
 gate scope is one cell, so one program reads every token (twice): fine at [tokens] size.
-The dense group mapping (torch.unique) and the row order of each cell (a stable argsort) are [B]-sized
-torch glue.
+The row order of each cell is [B]-sized torch glue: none for consecutive groups (``group_size``), else a
+stable argsort and per-cell counts by index_add; nothing reads back from the device when ``group_size`` is
+given (arbitrary group ids cost the one torch.unique of their resolution).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from erpo_kernels.advantages import Advantages, dense_group_index, entropy_gate
+from erpo_kernels.advantages import Advantages, entropy_gate
+from erpo_kernels.validation import as_groups
 from erpo_kernels.config import ERPOConfig
 from erpo_kernels.ops.tile_config import interpreter_enabled
 
@@ -353,12 +355,19 @@ def buckets_synthesis(mask, entropy, gates, token_weights, old, ref, bucket, gro
     return adv, gate, signal
 
 
-def _cell_rows(cell_of_row: Tensor, num_cells: int):
-    """(row_order, cell_start): the rows of cell c are row_order[cell_start[c]:cell_start[c + 1]]."""
+def _cell_rows(cell_of_row: Tensor, num_cells: int, rows_per_cell: Optional[int] = None):
+    """(row_order, cell_start): the rows of cell c are row_order[cell_start[c]:cell_start[c + 1]].
+
+    Consecutive cells of ``rows_per_cell`` rows need no sort; otherwise a stable argsort and per-cell counts
+    by index_add (torch.bincount would read its maximum back from the device)."""
+    device = cell_of_row.device
+    if rows_per_cell is not None:
+        return (torch.arange(cell_of_row.numel(), device=device),
+                torch.arange(num_cells + 1, device=device) * rows_per_cell)
     row_order = torch.argsort(cell_of_row, stable=True)
-    cell_start = torch.zeros(num_cells + 1, dtype=torch.long, device=cell_of_row.device)
-    cell_start[1:] = torch.cumsum(torch.bincount(cell_of_row, minlength=num_cells), 0)
-    return row_order, cell_start
+    counts = torch.zeros(num_cells, dtype=torch.long, device=device).index_add_(
+        0, cell_of_row, torch.ones_like(cell_of_row))
+    return row_order, torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
 def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -370,8 +379,9 @@ def token_advantages_triton(rewards: Tensor, mask: Tensor, group_ids: Tensor, ol
                             token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None) -> Advantages:
     """Triton twin of :func:`erpo_kernels.advantages.token_advantages` (same arguments and results).
 
-    rewards [B], mask [B, T], group_ids [B], old_entropy / old_logprobs / ref_logprobs / token_weights /
-    gates [B, T]. ``gate="topk"`` uses the torch gate (see the module docstring).
+    rewards [B], mask [B, T], group_ids [B] (or resolved :class:`~erpo_kernels.validation.Groups`: with
+    consecutive groups nothing here reads from the device), old_entropy / old_logprobs / ref_logprobs /
+    token_weights / gates [B, T]. ``gate="topk"`` uses the torch gate (see the module docstring).
     """
     if old_entropy.dim() != 2 or tuple(mask.shape) != tuple(old_entropy.shape):
         raise ValueError(f"token_advantages_triton: mask {tuple(mask.shape)} and old_entropy "
@@ -380,10 +390,10 @@ def token_advantages_triton(rewards: Tensor, mask: Tensor, group_ids: Tensor, ol
                     ("token_weights", token_weights), ("gates", gates)):
         if x is not None and tuple(x.shape) != tuple(old_entropy.shape):
             raise ValueError(f"token_advantages_triton: {name} {tuple(x.shape)} != {tuple(old_entropy.shape)}")
-    B, dtype, device = old_entropy.shape[0], old_entropy.dtype, old_entropy.device
+    B, dtype = old_entropy.shape[0], old_entropy.dtype
     mask, entropy = mask.bool().contiguous(), old_entropy.contiguous()
-    group_index, num_groups = dense_group_index(group_ids)
-    group_rows, group_start = _cell_rows(group_index, num_groups)
+    group_index, num_groups, group_size = as_groups(group_ids)
+    group_rows, group_start = _cell_rows(group_index, num_groups, group_size)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
 
     bucket = buckets_index(mask, entropy, config)
@@ -395,10 +405,11 @@ def token_advantages_triton(rewards: Tensor, mask: Tensor, group_ids: Tensor, ol
         gate_mode, gates = _GATE_GIVEN, entropy_gate(entropy, mask, group_index, num_groups, config)
     elif config.gate == "sigmoid":
         gate_mode = _GATE_SIGMOID
-        cell_of_row = {"group": group_index, "batch": torch.zeros_like(group_index),
-                       "sequence": torch.arange(B, device=device)}[config.gate_scope]
-        num_cells = {"group": num_groups, "batch": 1, "sequence": B}[config.gate_scope]
-        rows, start = _cell_rows(cell_of_row, num_cells)
+        if config.gate_scope == "group":
+            rows, start = group_rows, group_start
+        else:                                   # one cell of every row, or a cell per row
+            cells = 1 if config.gate_scope == "batch" else B
+            rows, start = _cell_rows(torch.zeros_like(group_index), cells, B // cells)
         gate_stats = buckets_stats(entropy, None, mask, None, rows, start, 1, 1.0, acc)[:2]
     progress = config.progress_term and old_logprobs is not None and ref_logprobs is not None
     old, ref = (_contiguous(old_logprobs), _contiguous(ref_logprobs)) if progress else (None, None)

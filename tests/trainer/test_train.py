@@ -52,12 +52,17 @@ def fixed_batch(tokenizer, group_size=4):
 def test_one_rl_step_changes_weights_and_lowers_loss(algo):
     torch.manual_seed(0)
     model, tokenizer = build_preset("tiny", seed=0)
-    cfg = TrainConfig(algo=algo, group_size=4, micro_batch=8, lr=1e-3)
+    cfg = TrainConfig(algo=algo, group_size=4, micro_batch=8, lr=1e-3, kl_beta=0.02)
     config = loss_config(cfg)
     rollout, rewards = fixed_batch(tokenizer)
     old = sequence_stats(model, rollout, cfg.temperature)
     reference = build_preset("tiny", seed=0)[0]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the reference drifted from the policy, so the progress term and the KL are live
+        for p in reference.parameters():
+            p.add_(0.05 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
     ref = sequence_stats(reference, rollout, cfg.temperature)
+    assert float((ref.logprobs - old.logprobs).abs().max()) > 1e-2
     _, lm_head = backbone_and_head(model)
 
     def batch_loss():
@@ -71,6 +76,9 @@ def test_one_rl_step_changes_weights_and_lowers_loss(algo):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     metrics = update(model, optimizer, rollout, rewards, old, ref, cfg, config)
     assert metrics["skipped"] == 0 and metrics["grad_norm"] > 0
+    assert metrics["kl"] > 0
+    if config.progress_term:
+        assert metrics["progress_signal_abs_mean"] > 0.1
     assert metrics["loss"] == pytest.approx(loss_before, abs=1e-5)  # micro-batch shares add up to the batch loss
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) == len(before)

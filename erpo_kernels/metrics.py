@@ -1,0 +1,89 @@
+"""Training metrics of one ``erpo_loss`` call, kept on the device until someone reads them.
+
+``erpo_loss`` computes every metric as a 0-dim tensor (no device read on the hot path).  :class:`Metrics` is
+a read-only mapping of floats over them: reading any value materializes all of them with one device->host
+transfer, so a trainer that logs every step pays one sync per step, and one that never reads pays none.
+``metrics.tensors`` gives the 0-dim tensors themselves (to average over micro-batches on the device).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Dict, Iterator, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Metrics(Mapping):
+    """name -> float, materialized from 0-dim tensors on first read (one device read for all of them)."""
+
+    def __init__(self, tensors: Dict[str, Tensor]):
+        self.tensors = tensors
+        self._values: Optional[Dict[str, float]] = None
+
+    def _materialize(self) -> Dict[str, float]:
+        if self._values is None:
+            names = list(self.tensors)
+            stacked = torch.stack([self.tensors[k].detach().to(torch.float64).reshape(()) for k in names]) \
+                if names else torch.zeros(0)
+            self._values = dict(zip(names, stacked.tolist()))
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._materialize()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __repr__(self) -> str:
+        if self._values is None:
+            return f"Metrics({sorted(self.tensors)}, not yet read from the device)"
+        return f"Metrics({self._values})"
+
+
+def _masked_mean(x: Tensor, weights: Tensor, count: Tensor) -> Tensor:
+    return torch.where(weights > 0, x, torch.zeros_like(x)).mul(weights).sum() / count
+
+
+def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor, old_entropy: Tensor, adv,
+                 info: Dict[str, Tensor], ref_logprobs: Optional[Tensor], groups) -> Metrics:
+    """Means over the completion tokens (``valid``) unless named otherwise; counts of tokens and groups.
+
+    loss, num_tokens, entropy / old_entropy / logprob (current and old policy), ratio, clip fractions (low,
+    high, both, dual), gate_mean and gate_frac_above_half (over completion tokens), adv_mean, adv_abs_mean,
+    progress_signal_abs_mean, zero_var_groups / num_groups, and kl (k3, when reference log-probs are given).
+    """
+    m = valid.to(entropy.dtype)
+    n = m.sum()
+    count = n.clamp_min(1)
+    mean = lambda x: _masked_mean(x.detach().to(m.dtype), m, count)  # noqa: E731
+    clip = info["clip_low"] | info["clip_high"]
+    zero_var_groups = torch.zeros(groups.count, dtype=torch.bool, device=valid.device).index_put(
+        (groups.index,), adv.zero_var, accumulate=False)
+    tensors = {
+        "loss": loss.detach(),
+        "num_tokens": n,
+        "entropy": mean(entropy),
+        "old_entropy": mean(old_entropy),
+        "logprob": mean(logprobs),
+        "ratio": mean(info["ratio"]),
+        "clip_frac": mean(clip),
+        "clip_frac_low": mean(info["clip_low"]),
+        "clip_frac_high": mean(info["clip_high"]),
+        "dual_clip_frac": mean(info["dual_clip"]),
+        "gate_mean": mean(adv.gate),
+        "gate_frac_above_half": mean(adv.gate > 0.5),
+        "adv_mean": mean(adv.advantages),
+        "adv_abs_mean": mean(adv.advantages.abs()),
+        "progress_signal_abs_mean": mean(adv.signal.abs()),
+        "zero_var_groups": zero_var_groups.sum(),
+        "num_groups": torch.full((), float(groups.count), device=valid.device),
+    }
+    if ref_logprobs is not None:
+        delta = ref_logprobs - logprobs.detach()
+        tensors["kl"] = mean(torch.exp(delta) - delta - 1.0)
+    return Metrics(tensors)
