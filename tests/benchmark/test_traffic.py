@@ -1,5 +1,5 @@
 """The traffic model against hand counts of each data flow, its monotonicity, its calibration, and the
-README table.
+estimate column of erpo-bench.
 
 Hand cases use a toy GPU with round numbers and efficiencies of 1, explicit tiles, splits and programs per
 SM (so they do not move when tile_config is retuned).  Expected numbers are written out from the data flow
@@ -9,11 +9,13 @@ vectors (targets, per-token statistics) are left to a tolerance of 64 bytes per 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from erpo_kernels.benchmark import traffic, traffic_table
+from erpo_kernels.benchmark import cli, traffic, traffic_table
+from erpo_kernels.benchmark.contenders import all_contenders
 from erpo_kernels.benchmark.roofline import GPUS, Assumptions, GPUSpec, known_gpu
 from erpo_kernels.ops import tile_config
 from erpo_kernels.ops.tile_config import TileConfig
@@ -253,8 +255,27 @@ def test_known_gpu(name, key):
 
 
 # ----------------------------------------------------------------------------------------------
-# the README table
+# erpo-bench and the README table
 # ----------------------------------------------------------------------------------------------
+def test_erpo_bench_prints_the_estimate(tmp_path, capsys):
+    floor = [c for c in all_contenders() if c.name == "floor"]
+    argv = ["--preset", "tiny", "--dtypes", "bf16", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--no-progress", "--gpu-model", "a100", "--out", str(tmp_path)]
+    assert cli.main(argv, contenders=floor) == 0
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert "est. ms (x floor)" in header
+    column = header.index("est. ms (x floor)")
+    body = [line for line in lines[2:] if line.startswith("| floor")]
+    assert body and all(line.strip("|").split("|")[column].strip().endswith("(1.00x)") for line in body)
+    assert GPUS["a100"].name in table and "not a measurement" in table
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["meta"]["estimate_gpu"] == GPUS["a100"].name
+    for row in payload["rows"]:
+        assert row["est_gpu"] == "a100" and row["est_ms"] > 0 and row["est_ratio_to_floor"] == pytest.approx(1.0)
+
+
 def test_readme_table_renders():
     text = traffic_table.estimate_table("h100", [8192, 32768], 4096, 151936, "bf16")
     assert text.count("\n") == 2 + len(traffic_table.PASS_LABELS)
