@@ -66,7 +66,7 @@ class Assumptions:
     l2_usable_fraction: float = 0.80    # of L2 capacity a working set keeps (streamed tiles, other data, hashing)
     vendor_operand_reads: float = 1.0   # cuBLAS-class GEMM: each operand read ~once from HBM
     epilogue_overlap: float = 0.0       # share of the Triton epilogue hidden under MMA (no ping-pong, 1 program/SM)
-    small_kernels_per_chunk: int = 30   # sweep: the per-token coefficients in torch (autograd on [n] tensors)
+    small_kernels_per_chunk: int = 30   # sweep: per-token coefficients, stats merge: small torch ops on [n]
     small_kernel_s: float = 4e-6        # GPU time of one tiny kernel
 
 
