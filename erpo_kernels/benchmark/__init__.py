@@ -9,7 +9,9 @@ Modules (imports flow one way): ``common`` (shapes, timing, peak memory, FLOP fo
 ``contenders`` (one builder per contender: erpo-kernels backends, plain PyTorch, Liger, Cut
 Cross-Entropy, the floor) -> ``check`` (loss and grads against ``erpo_kernels.reference`` at a
 small shape, before anything is timed) -> ``runner`` (one case: check, warm-up, time, memory,
-errors recorded as rows) -> ``report`` (markdown, JSON, CSV, PNG) -> ``cli``.
+errors recorded as rows; the model's estimate beside each) -> ``report`` (markdown, JSON, CSV, PNG)
+-> ``cli``.  The traffic model stands apart: ``roofline`` (GPUs, calibration, time of a phase) ->
+``traffic`` (FLOPs, bytes and extra memory of each pass) -> ``traffic_table`` (goals, README tables).
 """
 from erpo_kernels.benchmark.common import PRESETS, BenchShape, Row
 from erpo_kernels.benchmark.contenders import Contender, all_contenders, make_inputs

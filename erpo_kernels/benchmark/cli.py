@@ -18,9 +18,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from erpo_kernels.benchmark import common, report
+from erpo_kernels.benchmark import common, report, roofline
 from erpo_kernels.benchmark.contenders import Contender, all_contenders
-from erpo_kernels.benchmark.runner import RunSettings, run_benchmark, select
+from erpo_kernels.benchmark.runner import RunSettings, add_estimates, run_benchmark, select
 
 
 def _csv(text: str) -> List[str]:
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--gpu-model", choices=sorted(roofline.GPUS), default="h100",
+                        help="GPU of the traffic-model estimate when the device is not one it knows (default h100)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for md/json/csv/png")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check (not advised)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,9 +86,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Option
     settings = RunSettings(common.PRESETS[preset], args.dtypes, passes, chosen, device, args.repeats, args.warmup,
                            check=not args.no_check, progress=not args.no_progress, verbose=args.verbose)
     result = run_benchmark(settings)
+    device_gpu = roofline.known_gpu(common.device_name(device)) if device.type == "cuda" else None
+    estimate_gpu = device_gpu or args.gpu_model
+    add_estimates(result.rows, estimate_gpu)
 
     meta = dict(common.environment(device), preset=preset, repeats=args.repeats, warmup=args.warmup,
-                check_shape=common.CHECK_SHAPE.label, argv=list(argv) if argv is not None else sys.argv[1:])
+                check_shape=common.CHECK_SHAPE.label, argv=list(argv) if argv is not None else sys.argv[1:],
+                estimate_gpu=roofline.GPUS[estimate_gpu].name,
+                estimate_basis="this device" if device_gpu else "--gpu-model: not this device")
     table = report.markdown_table(result.rows, meta, result.unavailable)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(table)

@@ -245,6 +245,10 @@ class Row:
     peak_mib: float = math.nan
     ratio_to_floor: float = math.nan
     gemm_tflops: float = math.nan     # floor FLOPs / median time: how close to the GEMM roofline
+    est_gpu: str = ""                 # the traffic model's estimate (an estimate, not a measurement) for this GPU:
+    est_ms: float = math.nan          # this contender's pass, where the model has its data flow
+    est_ratio_to_floor: float = math.nan   # est_ms / the modeled floor of the pass (3 GEMMs train, 1 stats)
+    est_floor_ms: float = math.nan    # the modeled floor itself
 
     @classmethod
     def for_case(cls, contender: str, pass_name: str, dtype: str, shape: BenchShape, **kwargs) -> "Row":

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 
 from erpo_kernels.benchmark.common import Row
 
-COLUMNS = ["contender", "pass", "dtype", "N (BxT)", "H", "V", "median ms", "x floor", "peak extra MiB",
-           "check", "status"]
+COLUMNS = ["contender", "pass", "dtype", "N (BxT)", "H", "V", "median ms", "x floor", "est. ms (x floor)",
+           "peak extra MiB", "check", "status"]
 
 
 def _number(value: float, digits: int = 1) -> str:
@@ -25,6 +25,15 @@ def _number(value: float, digits: int = 1) -> str:
     if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}" if abs(value) >= 1 else f"{value:.{digits + 2}f}"
+
+
+def _estimate(row: Row) -> str:
+    """The traffic model's estimate beside the measured time: "ms (ratio x)", or the modeled floor alone."""
+    if not math.isnan(row.est_ms):
+        return f"{_number(row.est_ms, 2)} ({row.est_ratio_to_floor:.2f}x)"
+    if not math.isnan(row.est_floor_ms):
+        return f"- (floor {_number(row.est_floor_ms, 2)})"
+    return "-"
 
 
 def markdown_table(rows: List[Row], meta: Optional[dict] = None, unavailable: Optional[Dict[str, str]] = None
@@ -41,7 +50,7 @@ def markdown_table(rows: List[Row], meta: Optional[dict] = None, unavailable: Op
     for r in rows:
         lines.append("| " + " | ".join([
             r.contender, r.pass_name, r.dtype, f"{r.tokens} ({r.batch}x{r.length})", str(r.hidden),
-            str(r.vocab), _number(r.median_ms, 2), _number(r.ratio_to_floor, 2), _number(r.peak_mib, 1),
+            str(r.vocab), _number(r.median_ms, 2), _number(r.ratio_to_floor, 2), _estimate(r), _number(r.peak_mib, 1),
             r.check, r.status]) + " |")
     notes = []
     if unavailable:
@@ -49,6 +58,10 @@ def markdown_table(rows: List[Row], meta: Optional[dict] = None, unavailable: Op
     if meta and meta.get("memory_method"):
         notes.append(f"Peak extra memory: {meta['memory_method']}.")
     notes.append("x floor: median time / the GEMMs alone (3 x 2NHV train, 1 x 2NHV stats) in the same run.")
+    if meta and meta.get("estimate_gpu"):
+        notes.append(f"est.: the traffic model's roofline estimate (an estimate, not a measurement; bench/README.md, "
+                     f"\"Traffic model\") for an {meta['estimate_gpu']} ({meta.get('estimate_basis')}), as ms and "
+                     f"x the modeled floor; contenders whose data flow is not modeled show the modeled floor only.")
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
 
 

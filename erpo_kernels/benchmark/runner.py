@@ -14,12 +14,16 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from erpo_kernels.benchmark import common
+from erpo_kernels.benchmark import common, traffic
 from erpo_kernels.benchmark.check import CheckResult, check_contender
 from erpo_kernels.benchmark.common import BenchShape, Row
 from erpo_kernels.benchmark.contenders import BenchInputs, Contender, make_inputs
 
 HOST_MEMORY_FRACTION = 0.8   # CPU guard: start a full-logits case only below this share of MemAvailable
+# (contender, pass) -> the traffic-model pass that is its data flow (the harness gives the old entropy, so the
+# Triton train pass is the 3-GEMM sweep); other contenders get the modeled floor only
+MODELED_PASSES = {("erpo-triton", "train"): "sweep", ("erpo-triton", "stats"): "stats",
+                  ("floor", "train"): "floor-3", ("floor", "stats"): "floor-1"}
 
 
 @dataclass
@@ -165,6 +169,22 @@ def run_benchmark(settings: RunSettings) -> RunResult:
         bar.close()
     common.add_floor_ratios(result.rows)
     return result
+
+
+def add_estimates(rows: List[Row], gpu: str) -> None:
+    """Fill the ``est_*`` fields of every row from the traffic model for ``gpu`` (a key of ``roofline.GPUS``)."""
+    cache: Dict[Tuple[BenchShape, str], Dict[str, traffic.PassEstimate]] = {}
+    for row in rows:
+        key = (row.shape, row.dtype)
+        if key not in cache:
+            cache[key] = traffic.estimate_passes(row.tokens, row.hidden, row.vocab, row.dtype, gpu)
+        passes = cache[key]
+        floor = passes["floor-3" if row.pass_name == "train" else "floor-1"]
+        row.est_gpu, row.est_floor_ms = gpu, floor.ms
+        modeled = MODELED_PASSES.get((row.contender, row.pass_name))
+        if modeled:
+            row.est_ms = passes[modeled].ms
+            row.est_ratio_to_floor = passes[modeled].seconds / floor.seconds
 
 
 def select(contenders: Iterable[Contender], names: Optional[List[str]]) -> List[Contender]:
