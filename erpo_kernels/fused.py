@@ -10,45 +10,71 @@ upstream gradient in backward (the way Liger's and CCE's fused losses do it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from erpo_kernels.config import ERPOConfig
 from erpo_kernels.stats import StatsOptions
-from erpo_kernels.surrogate import TokenTerms, fill_off_mask, is_linear, token_terms
+from erpo_kernels.surrogate import fill_off_mask, is_linear, token_terms
 
 Tensor = torch.Tensor
 
 
+class SweepRecord(NamedTuple):
+    """Per-token results the sweep records chunk by chunk, [N] each: the metrics read them afterwards."""
+    loss: Tensor            # L (unweighted)
+    ratio: Tensor
+    clip_low: Tensor        # bool
+    clip_high: Tensor       # bool
+    dual_clip: Tensor       # bool
+
+
 @dataclass
 class SweepTerms:
-    """Detached per-token inputs of the surrogate, flattened to [N], and the per-token results the sweep
-    records chunk by chunk (token loss, ratio, clip indicators: the metrics read them afterwards)."""
+    """Detached per-token inputs of the surrogate, flattened to [N], and the buffers the sweep fills: the
+    gradient coefficients ``grad_logprobs`` = w * dL/dlp and ``grad_entropy`` = -entropy_coef * w (None
+    without an entropy bonus), and the :class:`SweepRecord`.  A backend fills rows [start, stop) once the
+    chunk's log-probs and entropy are known: the torch backend with :meth:`coefficients`, the Triton one with
+    one kernel (:func:`erpo_kernels.ops.surrogate.sweep_coefficients`)."""
     advantages: Tensor
     weights: Tensor                 # aggregation weights: loss = sum(L * weights)
     valid: Tensor                   # completion tokens; off them old/ref are replaced by lp
     old_logprobs: Optional[Tensor]
     ref_logprobs: Optional[Tensor]
     config: ERPOConfig
-    recorded: Optional[TokenTerms] = None
+    grad_logprobs: Optional[Tensor] = None
+    grad_entropy: Optional[Tensor] = None
+    recorded: Optional[SweepRecord] = None
 
     def __post_init__(self):
-        n, like = self.advantages.shape[0], self.advantages
-        flags = [torch.zeros(n, dtype=torch.bool, device=like.device) for _ in range(3)]
-        self.recorded = TokenTerms(torch.zeros_like(like), torch.zeros_like(like), torch.ones_like(like), *flags)
+        like = self.advantages
+        empty_bool = lambda: torch.empty(like.shape, dtype=torch.bool, device=like.device)  # noqa: E731
+        self.grad_logprobs = torch.empty_like(like)
+        self.grad_entropy = torch.empty_like(like) if self.config.entropy_coef > 0 else None
+        self.recorded = SweepRecord(torch.empty_like(like), torch.empty_like(like), empty_bool(), empty_bool(),
+                                    empty_bool())
 
     def coefficients(self, start: int, stop: int, logprobs: Tensor, entropy: Tensor):
-        """(sum of weighted token losses, d/d logprobs, d/d entropy or None) for tokens [start, stop)."""
+        """Torch: fill rows [start, stop) from the chunk's ``logprobs`` / ``entropy`` [stop - start]; returns
+        the chunk's (grad_logprobs, grad_entropy or None)."""
         rows = slice(start, stop)
         pick = lambda x: None if x is None else fill_off_mask(x[rows], self.valid[rows], logprobs)  # noqa: E731
         terms = token_terms(logprobs, self.advantages[rows], pick(self.old_logprobs), pick(self.ref_logprobs),
                             self.config, entropy)
-        for out, value in zip(self.recorded, terms):
+        for out, value in zip(self.recorded, (terms.loss, terms.ratio, terms.clip_low, terms.clip_high,
+                                              terms.dual_clip)):
             out[rows] = value
         weights = self.weights[rows]
-        grad_entropy = -self.config.entropy_coef * weights if self.config.entropy_coef > 0 else None
-        return (terms.loss * weights).sum(), terms.grad_logprobs * weights, grad_entropy
+        torch.mul(terms.grad_logprobs, weights, out=self.grad_logprobs[rows])
+        if self.grad_entropy is None:
+            return self.grad_logprobs[rows], None
+        torch.mul(weights, -self.config.entropy_coef, out=self.grad_entropy[rows])
+        return self.grad_logprobs[rows], self.grad_entropy[rows]
+
+    def loss(self) -> Tensor:
+        """sum(L * w) over every token, once the sweep has filled every row."""
+        return torch.dot(self.recorded.loss, self.weights)
 
 
 def fused_path_applies(config: ERPOConfig, old_entropy, old_logprobs, ref_logprobs, backend_module) -> bool:
@@ -67,7 +93,7 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, terms: SweepTerms, options: StatsOptions):
         loss, logprobs, entropy, _lse, grad_hidden, grad_weight, grad_bias = options.backend.linear_fused_train(
-            hidden, weight, bias, targets, terms.coefficients, temperature=options.temperature,
+            hidden, weight, bias, targets, terms, temperature=options.temperature,
             ignore_index=options.ignore_index, chunk_size=options.chunk_size,
             needs_input_grad=tuple(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)

@@ -45,10 +45,6 @@ class Metrics(Mapping):
         return f"Metrics({self._values})"
 
 
-def _masked_mean(x: Tensor, weights: Tensor, count: Tensor) -> Tensor:
-    return torch.where(weights > 0, x, torch.zeros_like(x)).mul(weights).sum() / count
-
-
 def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor, old_entropy: Tensor, adv,
                  info: Dict[str, Tensor], ref_logprobs: Optional[Tensor], groups) -> Metrics:
     """Means over the completion tokens (``valid``) unless named otherwise; counts of tokens and groups.
@@ -56,34 +52,27 @@ def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor,
     loss, num_tokens, entropy / old_entropy / logprob (current and old policy), ratio, clip fractions (low,
     high, both, dual), gate_mean and gate_frac_above_half (over completion tokens), adv_mean, adv_abs_mean,
     progress_signal_abs_mean, zero_var_groups / num_groups, and kl (k3, when reference log-probs are given).
+    Every mean comes from one masked reduction over a stack of the per-token quantities (a few ops in all).
     """
-    m = valid.to(entropy.dtype)
-    n = m.sum()
-    count = n.clamp_min(1)
-    mean = lambda x: _masked_mean(x.detach().to(m.dtype), m, count)  # noqa: E731
-    clip = info["clip_low"] | info["clip_high"]
-    zero_var_groups = torch.zeros(groups.count, dtype=torch.bool, device=valid.device).index_put(
-        (groups.index,), adv.zero_var, accumulate=False)
-    tensors = {
-        "loss": loss.detach(),
-        "num_tokens": n,
-        "entropy": mean(entropy),
-        "old_entropy": mean(old_entropy),
-        "logprob": mean(logprobs),
-        "ratio": mean(info["ratio"]),
-        "clip_frac": mean(clip),
-        "clip_frac_low": mean(info["clip_low"]),
-        "clip_frac_high": mean(info["clip_high"]),
-        "dual_clip_frac": mean(info["dual_clip"]),
-        "gate_mean": mean(adv.gate),
-        "gate_frac_above_half": mean(adv.gate > 0.5),
-        "adv_mean": mean(adv.advantages),
-        "adv_abs_mean": mean(adv.advantages.abs()),
-        "progress_signal_abs_mean": mean(adv.signal.abs()),
-        "zero_var_groups": zero_var_groups.sum(),
-        "num_groups": torch.full((), float(groups.count), device=valid.device),
+    dtype = entropy.dtype
+    sources = {
+        "entropy": entropy, "old_entropy": old_entropy, "logprob": logprobs, "ratio": info["ratio"],
+        "clip_frac": info["clip_low"] | info["clip_high"], "clip_frac_low": info["clip_low"],
+        "clip_frac_high": info["clip_high"], "dual_clip_frac": info["dual_clip"], "gate_mean": adv.gate,
+        "gate_frac_above_half": adv.gate > 0.5, "adv_mean": adv.advantages, "adv_abs_mean": adv.advantages.abs(),
+        "progress_signal_abs_mean": adv.signal.abs(),
     }
     if ref_logprobs is not None:
-        delta = ref_logprobs - logprobs.detach()
-        tensors["kl"] = mean(torch.exp(delta) - delta - 1.0)
+        delta = ref_logprobs - logprobs
+        sources["kl"] = torch.exp(delta) - delta - 1.0
+    with torch.no_grad():
+        stacked = torch.stack([x.reshape(valid.shape).to(dtype) for x in sources.values()])
+        n = valid.sum()
+        # where(), not a product: padding may hold inf (e.g. a ratio of garbage log-probs), and inf * 0 = NaN
+        means = torch.where(valid, stacked, 0.0).sum((1, 2)) / n.clamp_min(1)
+        zero_var_groups = torch.zeros(groups.count, dtype=torch.bool, device=valid.device).index_put(
+            (groups.index,), adv.zero_var).sum()
+        tensors = dict(zip(sources, means.unbind()))
+        tensors.update(loss=loss.detach(), num_tokens=n, zero_var_groups=zero_var_groups,
+                       num_groups=torch.full((), float(groups.count), device=valid.device))
     return Metrics(tensors)

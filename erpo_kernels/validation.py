@@ -43,8 +43,8 @@ class ValueChecks:
 
     def add(self, name: str, x: Tensor, bad: Tensor, expected: Callable[[float, float], str],
             detail: Optional[Tensor] = None) -> None:
-        if self.enabled:
-            self._items.append((name, x, bad, expected, bad if detail is None else detail))
+        """Callers build ``bad`` only when ``self.enabled`` (the counts cost device work)."""
+        self._items.append((name, x, bad, expected, bad if detail is None else detail))
 
     def run(self) -> None:
         """One device read for every check added; raise for the first that fails."""
@@ -109,11 +109,14 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     if targets.numel() != hidden.numel() // max(hidden.shape[-1], 1) or (
             hidden.dim() == 3 and tuple(targets.shape) != tuple(hidden.shape[:2])):
         fail("targets", targets, f"one id per token of hidden {tuple(hidden.shape)}")
+    if not checks.enabled:
+        return
     checks.add("hidden", hidden, _nonfinite(hidden), lambda n, _: f"finite values ({n:.0f} NaN/inf entries)")
     vocab = weight.shape[0]
     flat = targets.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
-    example = flat[bad.to(torch.uint8).argmax()] if flat.numel() else bad.sum()   # the first offending id
+    # the first offending id, by gather (indexing with a 0-dim tensor would read it back to the host)
+    example = flat.gather(0, bad.to(torch.uint8).argmax().reshape(1))[0] if flat.numel() else bad.sum()
     checks.add("targets", targets, bad.sum(),
                lambda n, found: f"ids in [0, {vocab}) or ignore_index={ignore_index} (found {found:.0f})", example)
 
@@ -124,6 +127,8 @@ def check_token_tensor(name: str, x, shape, device, mask: Tensor, checks: ValueC
     if x is None:
         return
     check_float(name, x, shape=shape, device=device)
+    if not checks.enabled:
+        return
     checks.add(name, x, _nonfinite(x, mask), lambda n, _: "finite values on the completion mask")
     if max_value is not None:
         top = torch.where(mask, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
@@ -154,12 +159,14 @@ def check_mask(mask, shape, device, checks: ValueChecks) -> Tensor:
         fail("mask", mask, f"shape {tuple(shape)} on {device}")
     if mask.dtype == torch.bool:
         return mask
-    checks.add("mask", mask, ((mask != 0) & (mask != 1)).sum(), lambda n, _: "only 0/1 values")
+    if checks.enabled:
+        checks.add("mask", mask, ((mask != 0) & (mask != 1)).sum(), lambda n, _: "only 0/1 values")
     return mask != 0
 
 
 def check_some_tokens(valid: Tensor, mask: Tensor, checks: ValueChecks, what: str) -> None:
-    checks.add("mask", mask, (valid.sum() == 0).to(torch.int64), lambda n, _: what)
+    if checks.enabled:
+        checks.add("mask", mask, (valid.sum() == 0).to(torch.int64), lambda n, _: what)
 
 
 class Groups(NamedTuple):
@@ -201,5 +208,6 @@ def check_rewards(rewards, batch: int, device, checks: ValueChecks) -> Tensor:
     elif not rewards.is_floating_point():
         rewards = rewards.float()  # 0/1 integer or bool rewards are fine
     check_float("rewards", rewards, shape=(batch,), device=device)
-    checks.add("rewards", rewards, _nonfinite(rewards), lambda n, _: f"finite values ({n:.0f} NaN/inf entries)")
+    if checks.enabled:
+        checks.add("rewards", rewards, _nonfinite(rewards), lambda n, _: f"finite values ({n:.0f} NaN/inf entries)")
     return rewards

@@ -4,16 +4,19 @@ signatures and semantics of :mod:`erpo_kernels.backends.torch_chunked`, plus ``t
 
 Differences from ``torch_chunked``: inputs must be float16, bfloat16 or float32 (no float64: tl.dot has no
 fp64 tensor-core path; use the "torch"/"chunked" backends for fp64 checks), and statistics are always fp32.
-``chunk_size`` only matters for the chunked backward design (None: ``torch_chunked.resolve_chunk_size``);
-the forward and the fused backward never chunk.
 
-Backward design (``ERPO_TRITON_GRAD``, read per call):
-- ``"fused"`` (default): design (b), ``linear_grad_fused``: no [chunk, V] buffer, fp32 atomics for
-  grad_weight (not bitwise reproducible; ``ERPO_TRITON_DETERMINISTIC=1`` switches to the atomic-free
-  variant).  Chosen as default because it holds no logits buffer at all and runs identically under the
-  interpreter; whether it beats (a) on an H100 is still to be measured (bench/).
-- ``"chunked"``: design (a), ``linear_grad_chunked``: cuBLAS logits per ``chunk_size`` tokens, a Triton
-  epilogue forms dz in place, cuBLAS grads.  3 vendor GEMMs, a chunk_size x V fp32 buffer, deterministic.
+Designs (DESIGN.md, "Kernel design notes"):
+- the training sweep with known per-token coefficients (old entropy given) is always design (a):
+  ``linear_fused_train_chunked``, 3 vendor GEMMs per token chunk around Triton epilogues;
+- the backward of the stats pass (``ERPO_TRITON_GRAD``, read per call): ``"chunked"`` (default), design (a),
+  ``linear_grad_chunked``: vendor GEMMs, a [chunk, V] fp32 buffer (+ a bf16 dz buffer for bf16 inputs),
+  deterministic; or ``"fused"``, design (b), ``linear_grad_fused``: Triton tiles, no [chunk, V] buffer, fp32
+  atomics (``ERPO_TRITON_DETERMINISTIC=1`` for the atomic-free variant).  (a) is the default because it runs
+  at vendor-GEMM speed where (b) re-reads and re-writes fp32 grad tiles once per vocab tile (the traffic
+  model, bench/README.md, estimates 3x the 4-GEMM floor for (b)); (b) stays for memory-starved cases and
+  until a GPU measurement says otherwise.
+- chunk size (None): :func:`erpo_kernels.backends.torch_chunked.resolve_chunk_size`, from V, the dz buffer's
+  dtype and the free device memory.
 """
 from __future__ import annotations
 
@@ -23,14 +26,20 @@ from typing import Optional, Tuple
 import torch
 
 from erpo_kernels.backends.torch_chunked import resolve_chunk_size
-from erpo_kernels.ops.linear_grad import cast_grads, chunked_grad_buffers, linear_grad_fused
-from erpo_kernels.ops.linear_grad_chunked import accumulate_chunk_grads, chunk_logits, dz_epilogue_, linear_grad_chunked
+from erpo_kernels.ops.chunk_gemms import dz_dtype
+from erpo_kernels.ops.linear_grad import linear_grad_fused
+from erpo_kernels.ops.linear_grad_chunked import linear_fused_train_chunked, linear_grad_chunked
 from erpo_kernels.ops.buckets import token_advantages_triton as token_advantages  # noqa: F401
-from erpo_kernels.ops.linear_stats import check_linear_inputs, linear_stats_fwd, logits_stats
+from erpo_kernels.ops.linear_stats import linear_stats_fwd
 from erpo_kernels.ops.surrogate import surrogate_triton as per_token_loss  # noqa: F401
 
 Tensor = torch.Tensor
-GRAD_DESIGNS = ("fused", "chunked")
+GRAD_DESIGNS = ("chunked", "fused")
+
+
+def dz_bytes(dtype: torch.dtype) -> int:
+    """Bytes per logit of design (a)'s separate dz buffer (0 when dz is written over the fp32 logits)."""
+    return 2 if dz_dtype(dtype) == torch.bfloat16 else 0
 
 
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
@@ -41,7 +50,7 @@ def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
 
 
 def grad_design() -> str:
-    design = os.environ.get("ERPO_TRITON_GRAD", "fused")
+    design = os.environ.get("ERPO_TRITON_GRAD", "chunked")
     if design not in GRAD_DESIGNS:
         raise ValueError(f"ERPO_TRITON_GRAD: got {design!r}, expected one of {GRAD_DESIGNS}")
     return design
@@ -57,39 +66,20 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     see ``torch_chunked.linear_stats_backward``."""
     common = dict(temperature=temperature, ignore_index=ignore_index, needs_input_grad=needs_input_grad)
     if grad_design() == "chunked":
+        chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device, dz_bytes(weight.dtype))
         return linear_grad_chunked(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                                   chunk_size=resolve_chunk_size(chunk_size, weight.shape[0], hidden.device),
-                                   **common)
+                                   chunk_size=chunk_size, **common)
     deterministic = os.environ.get("ERPO_TRITON_DETERMINISTIC", "0") == "1"
     return linear_grad_fused(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
                              deterministic=deterministic, **common)
 
 
-def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, coefficients, *,
+def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, terms, *,
                        temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None,
                        needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)):
-    """The 3-GEMM training sweep (design (a)); same contract as ``torch_chunked.linear_fused_train``.
-
-    Per token chunk: cuBLAS fp32 logits, ``logits_stats`` (one read), the caller's per-token
-    coefficients, ``dz_epilogue_`` in place (one read, one write), cuBLAS dX and dW.
-    """
-    hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
-    n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
-    grads = grad_hidden, grad_weight, grad_bias = chunked_grad_buffers(hidden, weight, bias, needs_input_grad)
-    stats = [torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)]
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, n_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_tokens))
-        h, tgt = hidden[rows], targets[rows]
-        logits = chunk_logits(h, weight)
-        logprobs, entropy, lse = logits_stats(logits, bias, tgt, temperature, ignore_index)
-        for out, value in zip(stats, (logprobs, entropy, lse)):
-            out[rows] = value
-        chunk_loss, grad_logprobs, grad_entropy = coefficients(rows.start, rows.stop, logprobs, entropy)
-        loss += chunk_loss
-        dz_epilogue_(logits, bias, tgt, lse, entropy, grad_logprobs, grad_entropy, temperature, ignore_index)
-        accumulate_chunk_grads(logits, h, weight, None if grad_hidden is None else grad_hidden[rows],
-                               grad_weight, grad_bias)
-        del logits
-    return (loss, *stats, *cast_grads(grads, hidden, weight, bias))
+    """The 3-GEMM training sweep (design (a)); same contract as ``torch_chunked.linear_fused_train``.  See
+    :func:`erpo_kernels.ops.linear_grad_chunked.linear_fused_train_chunked`."""
+    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device, dz_bytes(weight.dtype))
+    return linear_fused_train_chunked(hidden, weight, bias, targets, terms, temperature=temperature,
+                                      ignore_index=ignore_index, chunk_size=chunk_size,
+                                      needs_input_grad=needs_input_grad)

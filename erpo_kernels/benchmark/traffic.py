@@ -223,10 +223,12 @@ def _chunked(name: str, with_stats: bool, tokens: int, hidden: int, vocab: int, 
              chunk_size: Optional[int], dz_cast_in_epilogue: bool, logits_zero_filled: bool,
              assumptions: Assumptions) -> PassEstimate:
     """Design (a) (``with_stats=False``) or the 3-GEMM sweep: per chunk of n tokens, totals over chunks."""
-    import torch
-    from erpo_kernels.backends.torch_chunked import resolve_chunk_size
+    from erpo_kernels.backends.torch_chunked import cuda_chunk_rows
     gpu, e, a = get_gpu(gpu), ELEMENT_BYTES[dtype], assumptions
-    chunk = min(tokens, resolve_chunk_size(chunk_size, vocab, torch.device("cuda")))
+    dz_extra = e if dtype == "bf16" else 0        # bf16 dz has its own buffer; fp32 dz overwrites the logits
+    io = _io_bytes(tokens, hidden, vocab, e, True, 8 if with_stats else 4)
+    free = max(int(gpu.memory_gb * 1e9) - io, 0)  # the device holds the inputs and outputs, nothing else
+    chunk = min(tokens, chunk_size or cuda_chunk_rows(vocab, free, dz_extra))
     chunks = -(-tokens // chunk)
     reads = a.vendor_operand_reads
     h_bytes, w_bytes, logits = tokens * hidden * e, vocab * hidden * e, tokens * vocab
@@ -248,11 +250,10 @@ def _chunked(name: str, with_stats: bool, tokens: int, hidden: int, vocab: int, 
         Phase("grad_weight GEMM", flops=gemm,   # the fp32 [V, H] accumulator is read and written per chunk
               hbm_bytes=reads * (logits * e + h_bytes) + chunks * accumulator * 2,
               detail=(("accumulator hbm", chunks * accumulator * 2),)),
-        Phase("zero grads", hbm_bytes=accumulator + h_bytes),
-        Phase("cast grad_weight", hbm_bytes=accumulator + vocab * hidden * e)]
-    extra = chunk * vocab * (4 + e) + accumulator + (3 * chunk * 4 if with_stats else 0)
-    return PassEstimate(name, gpu, dtype, 3, 3 * gemm, tuple(phases), extra,
-                        _io_bytes(tokens, hidden, vocab, e, True, 8 if with_stats else 4), assumptions)
+        # the first chunk's GEMMs write grad_hidden and the accumulator (no zero-fill); one cast at the end
+        Phase("cast grad_weight", hbm_bytes=(accumulator + vocab * hidden * e) if e != 4 else 0)]
+    extra = chunk * vocab * (4 + dz_extra) + (accumulator if e != 4 else 0) + (3 * chunk * 4 if with_stats else 0)
+    return PassEstimate(name, gpu, dtype, 3, 3 * gemm, tuple(phases), extra, io, assumptions)
 
 
 def design_a_backward(tokens: int, hidden: int, vocab: int, dtype: str = "bf16", gpu: GPULike = "h100", *,
@@ -260,7 +261,7 @@ def design_a_backward(tokens: int, hidden: int, vocab: int, dtype: str = "bf16",
                       logits_zero_filled: bool = False, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
     """``linear_grad_chunked``: per chunk the logits GEMM (fp32 out), the dz epilogue, the two grad GEMMs
     (grad_weight into an fp32 [V, H] accumulator).  ``chunk_size``: tokens per chunk (default:
-    ``torch_chunked.resolve_chunk_size`` on CUDA, read at call time: a 1 GiB fp32 buffer)."""
+    ``torch_chunked.cuda_chunk_rows`` with the GPU's memory less the inputs and outputs, read at call time)."""
     return _chunked("design-a-backward", False, tokens, hidden, vocab, dtype, gpu, chunk_size,
                     dz_cast_in_epilogue, logits_zero_filled, assumptions)
 

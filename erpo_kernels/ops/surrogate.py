@@ -49,21 +49,35 @@ def _acc_dtype(dtype: torch.dtype):
 @triton.heuristics({"HAS_OLD": lambda args: args["old_ptr"] is not None,
                     "HAS_DUAL": lambda args: args["dual_clip_c"] is not None,
                     "HAS_KL": lambda args: args["ref_ptr"] is not None and args["kl_beta"] > 0,
-                    "HAS_ENTROPY": lambda args: args["entropy_coef"] > 0})
+                    "HAS_ENTROPY": lambda args: args["entropy_coef"] > 0,
+                    "HAS_VALID": lambda args: args["valid_ptr"] is not None,
+                    "HAS_WEIGHTS": lambda args: args["weights_ptr"] is not None,
+                    "HAS_GRAD_ENTROPY": lambda args: args["grad_entropy_ptr"] is not None})
 @triton.jit
-def _surrogate_forward_kernel(lp_ptr, entropy_ptr, adv_ptr, old_ptr, ref_ptr,
-                              loss_ptr, coef_ptr, ratio_ptr, clip_low_ptr, clip_high_ptr, dual_ptr,
-                              N,
-                              ratio_low, ratio_high, dual_clip_c, kl_beta, entropy_coef,
-                              HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_KL: tl.constexpr,
-                              HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
+def _surrogate_forward_kernel(
+        # pointers: inputs, then per-token outputs (every array is indexed at row0 + offset)
+        lp_ptr, entropy_ptr, adv_ptr, old_ptr, ref_ptr, valid_ptr, weights_ptr,
+        loss_ptr, coef_ptr, grad_entropy_ptr, ratio_ptr, clip_low_ptr, clip_high_ptr, dual_ptr,
+        # sizes
+        N, row0,
+        # scalars
+        ratio_low, ratio_high, dual_clip_c, kl_beta, entropy_coef,
+        # meta-parameters
+        HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_KL: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+        BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Per token: L, coef = w * dL/dlp (w = 1 without weights), grad_entropy = -entropy_coef * w, the ratio and
+    the clip indicators.  With ``valid``, old/ref log-probs off the mask are replaced by lp (ratio 1, KL 0)."""
+    offs = row0 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < row0 + N
     lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(ACC)
     adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(ACC)
+    valid = inb
+    if HAS_VALID:
+        valid = inb & (tl.load(valid_ptr + offs, mask=inb, other=0) != 0)
     old = lp                                    # no old log-probs: ratio = exp(lp - lp.detach())
     if HAS_OLD:
-        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(ACC)
+        old = tl.where(valid, tl.load(old_ptr + offs, mask=inb, other=0.0).to(ACC), lp)
     ratio = tl.exp(lp - old)
     clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
     unclipped_obj = ratio * adv
@@ -81,18 +95,35 @@ def _surrogate_forward_kernel(lp_ptr, entropy_ptr, adv_ptr, old_ptr, ref_ptr,
         loss = tl.where(dual, bound, loss)
         coef = tl.where(dual, 0.0, coef)
     if HAS_KL:
-        delta = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(ACC) - lp
+        ref = tl.where(valid, tl.load(ref_ptr + offs, mask=inb, other=0.0).to(ACC), lp)
+        delta = ref - lp
         exp_delta = tl.exp(delta)
         loss = loss + kl_beta * (exp_delta - delta - 1.0)
         coef = coef + kl_beta * (1.0 - exp_delta)
     if HAS_ENTROPY:
         loss = loss - entropy_coef * tl.load(entropy_ptr + offs, mask=inb, other=0.0).to(ACC)
+    weight = tl.full((BLOCK,), 1.0, ACC)
+    if HAS_WEIGHTS:
+        weight = tl.load(weights_ptr + offs, mask=inb, other=0.0).to(ACC)
     tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=inb)
-    tl.store(coef_ptr + offs, coef.to(coef_ptr.dtype.element_ty), mask=inb)
+    tl.store(coef_ptr + offs, (weight * coef).to(coef_ptr.dtype.element_ty), mask=inb)
+    if HAS_GRAD_ENTROPY:
+        tl.store(grad_entropy_ptr + offs, (-entropy_coef * weight).to(grad_entropy_ptr.dtype.element_ty), mask=inb)
     tl.store(ratio_ptr + offs, ratio.to(ratio_ptr.dtype.element_ty), mask=inb)
     tl.store(clip_low_ptr + offs, clipped & (ratio < 1.0), mask=inb)
     tl.store(clip_high_ptr + offs, clipped & (ratio > 1.0), mask=inb)
     tl.store(dual_ptr + offs, dual, mask=inb)
+
+
+def _launch_forward(lp, entropy, adv, old, ref, valid, weights, loss, coef, grad_entropy, ratio, clip_low, clip_high,
+                    dual, n_rows: int, row0: int, config: ERPOConfig) -> None:
+    if n_rows:
+        block = _block()
+        _surrogate_forward_kernel[(triton.cdiv(n_rows, block),)](
+            lp, entropy, adv, old, ref, valid, weights, loss, coef, grad_entropy, ratio, clip_low, clip_high, dual,
+            n_rows, row0,
+            1.0 - config.eps_low, 1.0 + config.eps_high, config.dual_clip_c, config.kl_beta, config.entropy_coef,
+            BLOCK=block, ACC=_acc_dtype(lp.dtype))
 
 
 def surrogate_forward(logprobs: Tensor, entropy: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
@@ -111,14 +142,8 @@ def surrogate_forward(logprobs: Tensor, entropy: Tensor, advantages: Tensor, old
     coef = torch.empty(lp.shape, dtype=torch.promote_types(lp.dtype, torch.float32), device=lp.device)
     ratio = torch.empty_like(lp)
     clip_low, clip_high, dual = (torch.empty(lp.shape, dtype=torch.bool, device=lp.device) for _ in range(3))
-    N = lp.numel()
-    if N:
-        block = _block()
-        _surrogate_forward_kernel[(triton.cdiv(N, block),)](
-            lp, h, adv, old, ref, loss, coef, ratio, clip_low, clip_high, dual,
-            N,
-            1.0 - config.eps_low, 1.0 + config.eps_high, config.dual_clip_c, config.kl_beta, config.entropy_coef,
-            BLOCK=block, ACC=_acc_dtype(lp.dtype))
+    _launch_forward(lp, h, adv, old, ref, None, None, loss, coef, None, ratio, clip_low, clip_high, dual, lp.numel(), 0,
+                    config)
     return tuple(x.reshape(shape) for x in (loss, coef, ratio, clip_low, clip_high, dual))
 
 
@@ -180,3 +205,14 @@ def surrogate_triton(logprobs: Tensor, entropy: Tensor, advantages: Tensor, old_
     loss, ratio, clip_low, clip_high, dual = SurrogateFunction.apply(
         logprobs, entropy, advantages, old_logprobs, ref_logprobs, config)
     return loss, dict(ratio=ratio, clip_low=clip_low, clip_high=clip_high, dual_clip=dual)
+
+
+def sweep_coefficients(terms, row0: int, n_rows: int, logprobs: Tensor, entropy: Tensor) -> None:
+    """The 3-GEMM sweep's per-token coefficients for rows [row0, row0 + n_rows), one launch: reads the chunk's
+    fresh ``logprobs`` / ``entropy`` [N] and the detached inputs of ``terms``
+    (:class:`erpo_kernels.fused.SweepTerms`), writes ``terms.grad_logprobs`` (w * dL/dlp), ``terms.grad_entropy``
+    (-entropy_coef * w, when the entropy bonus is on) and the per-token records (L, ratio, clip indicators)."""
+    rec = terms.recorded
+    _launch_forward(logprobs, entropy, terms.advantages, terms.old_logprobs, terms.ref_logprobs, terms.valid,
+                    terms.weights, rec.loss, terms.grad_logprobs, terms.grad_entropy, rec.ratio, rec.clip_low,
+                    rec.clip_high, rec.dual_clip, n_rows, row0, terms.config)

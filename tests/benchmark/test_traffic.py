@@ -222,7 +222,7 @@ def test_defaults_are_read_at_call_time(monkeypatch):
     assert after.l2_bytes == traffic.stats_pass(32768, 4096, 151936, tiles=TileConfig(128, 256, 64, 8, 2)).l2_bytes
     from erpo_kernels.backends import torch_chunked
     sweep = traffic.training_sweep(32768, 4096, 151936)
-    monkeypatch.setitem(torch_chunked.AUTO_CHUNK_ELEMENTS, "cuda", 64 * 1024 * 1024)
+    monkeypatch.setattr(torch_chunked, "CUDA_CHUNK_BYTES", 256 * 1024 * 1024)
     smaller = traffic.training_sweep(32768, 4096, 151936)
     assert smaller.extra_bytes < sweep.extra_bytes
 
