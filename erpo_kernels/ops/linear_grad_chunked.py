@@ -120,7 +120,8 @@ def dz_epilogue_(logits: Tensor, bias: Optional[Tensor], targets: Tensor, lse: T
                  ignore_index: int) -> Tensor:
     """Overwrite a chunk's raw fp32 logits [n, V] with dz / temperature (one read, one write); returns it."""
     n_tokens, vocab = logits.shape
-    kernel, meta = tile_config.launch_params("dz_epilogue", _dz_epilogue_kernel, key=("N", "V"),
+    kernel, meta = tile_config.launch_params("dz_epilogue", _dz_epilogue_kernel, dict(N=n_tokens, V=vocab),
+                                             spec=tile_config.device_spec(logits.device),
                                              restore_value=("logits_ptr",))
 
     def grid(META):
