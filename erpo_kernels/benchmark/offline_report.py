@@ -67,9 +67,9 @@ def _reading(rows: Sequence[Dict], failures: Sequence[str]) -> List[str]:
         lines.append(f"- {device} ({mine[0]['arch']}): largest shared-memory allocation {top['smem'] / 1024:.1f} KiB "
                      f"({top['label']}, {top['dtype']}, {top['config']}); default configs with spills: "
                      f"{sum(1 for r in mine if r['default'] and (r['spill_stores'] or r['spill_loads']))}.")
-        for label in _GEMM_KERNELS:
-            for r in (r for r in mine if r["label"] == label and r["default"] and "no bias" in r["what"]
-                      or r["label"] == label and r["default"] and "token-major" in r["what"]):
+        for label in _GEMM_KERNELS:  # their main launch: stats without bias, the token-major backward
+            for r in (r for r in mine if r["label"] == label and r["default"]
+                      and r["what"].startswith(("no bias", "token-major"))):
                 lines.append(f"  - {label} {r['dtype']} ({r['what']}): {r['config']}, {_mma_text(r)}, "
                              f"{r['regs']} registers, {r['smem'] / 1024:.0f} KiB, "
                              f"{programs_per_sm(r)} program(s) per SM (est.).")

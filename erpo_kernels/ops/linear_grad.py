@@ -135,9 +135,9 @@ def _linear_grad_fused_kernel(
 
 
 def _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                       temperature, needs_input_grad, num_splits=None):
+                       temperature, needs_input_grad, num_splits=None, group_size=None):
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
-    check_launch_scalars(temperature, num_splits)
+    check_launch_scalars(temperature, num_splits, group_size)
     n_tokens = hidden.shape[0]
     if len(tuple(needs_input_grad)) != 3:
         fail("needs_input_grad", str(needs_input_grad), "3 booleans (hidden, weight, bias)")
@@ -187,9 +187,7 @@ def linear_grad_fused(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     ``num_splits`` / ``group_size``: vocab splits and outer blocks per launch group (None: tile_config's)."""
     (hidden, weight, bias, targets, lse, entropy, grad_logprobs,
      grad_entropy) = _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
-                                        grad_entropy, temperature, needs_input_grad, num_splits)
-    if group_size is not None and not (isinstance(group_size, int) and group_size >= 1):
-        fail("group_size", group_size, "None (automatic) or an int >= 1")
+                                        grad_entropy, temperature, needs_input_grad, num_splits, group_size)
     grads = _grad_buffers(hidden, weight, bias, needs_input_grad)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]

@@ -203,11 +203,12 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return tuple(contiguous)
 
 
-def check_launch_scalars(temperature: float, num_splits: Optional[int]) -> None:
+def check_launch_scalars(temperature: float, num_splits: Optional[int], group_size: Optional[int] = None) -> None:
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         fail("temperature", temperature, "a float > 0")
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        fail("num_splits", num_splits, "None (automatic) or an int >= 1")
+    for name, value in (("num_splits", num_splits), ("group_size", group_size)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            fail(name, value, "None (automatic) or an int >= 1")
 
 
 def linear_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
@@ -218,9 +219,7 @@ def linear_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     launch group) default to tile_config.split_plan's choice for the device.
     A target outside [0, V) other than ``ignore_index`` gives a NaN log-prob (no device sync to check)."""
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
-    check_launch_scalars(temperature, num_splits)
-    if group_size is not None and not (isinstance(group_size, int) and group_size >= 1):
-        fail("group_size", group_size, "None (automatic) or an int >= 1")
+    check_launch_scalars(temperature, num_splits, group_size)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     if n_tokens == 0:

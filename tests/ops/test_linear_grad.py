@@ -231,3 +231,10 @@ def test_fused_grouped_launch_at_ragged_sizes(deterministic, num_splits, group_s
                             deterministic=deterministic, num_splits=num_splits, group_size=group_size)
     expected = reference_grads(hidden, weight, bias, targets, g_lp, g_ent, 0.9)
     check_grads(got, expected, (hidden, weight, bias), 2e-5)
+
+
+def test_invalid_group_size_raises(make_linear_inputs, device):
+    hidden, weight, bias, targets = make_linear_inputs(8, 16, 20)
+    lse, g = torch.zeros(8, device=device), torch.ones(8, device=device)
+    with pytest.raises(ValueError, match="group_size"):
+        linear_grad_fused(hidden, weight, bias, targets, lse, None, g, None, group_size=0)
