@@ -287,6 +287,7 @@ def _resident_programs(cfg: TileConfig, elem_bytes: int, spec: DeviceSpec) -> in
     return spec.sm_count * max(1, min(by_smem, by_regs))
 
 
+@functools.lru_cache(maxsize=1024)  # launchers ask per call; the answer depends only on the arguments
 def split_plan(num_outer_blocks: int, inner_extent: int, outer_block_bytes: int, cfg: TileConfig,
                elem_bytes: int, spec: Optional[DeviceSpec], splits: Optional[int] = None,
                group_size: Optional[int] = None) -> SplitPlan:
