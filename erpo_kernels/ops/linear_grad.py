@@ -6,7 +6,8 @@ With z = (h W^T + b) / T (fp32) and p = exp(z - lse) (ERPO_SPEC.md, "Gradient of
 ``grad_weight = dz^T @ h / T``, ``grad_bias = dz.sum(0) / T``.  Grads accumulate in fp32 buffers and are
 cast to the input dtype once at the end.
 
-``linear_grad_fused``: ``_linear_grad_fused_kernel``, one program per (outer block, inner split) that streams
+``linear_grad_fused``: ``_linear_grad_fused_kernel``, one program per (outer block, inner split), on one grid
+axis in the grouped order of ``_grouped_program`` (tile_config.split_plan sizes splits and groups), that streams
 the inner tiles; per [BLOCK_N, BLOCK_V] tile it recomputes z (a K-loop over H), forms dz in registers, then
 loops over H again for ``dz @ W[v]`` and ``dz^T @ h[n]``.  4 GEMMs of work in total with the forward.
 Cost: the fp32 grad tiles are read-modified-written once per inner tile, i.e. N·H·8·V/BLOCK_V bytes for
@@ -32,7 +33,8 @@ import triton
 import triton.language as tl
 
 from erpo_kernels.ops import tile_config
-from erpo_kernels.ops._jit_helpers import _dz_tile, _logits_tile, _mma, _token_coefficients, dot_meta
+from erpo_kernels.ops._jit_helpers import (_dz_tile, _grouped_program, _logits_tile, _mma, _token_coefficients,
+                                            dot_meta)
 from erpo_kernels.ops.linear_stats import check_launch_scalars, check_linear_inputs
 from erpo_kernels.validation import fail
 
@@ -54,7 +56,7 @@ def _linear_grad_fused_kernel(
         hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr,
         grad_logprobs_ptr, grad_entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
         # sizes
-        N, V, H, split_len,
+        N, V, H, split_len, num_splits, group_size,
         # strides (grad buffers are contiguous fp32 [N, H] / [V, H])
         stride_hn, stride_hh, stride_wv, stride_wh,
         # scalars
@@ -65,8 +67,9 @@ def _linear_grad_fused_kernel(
         VOCAB_MAJOR: tl.constexpr, HIDDEN_ATOMIC: tl.constexpr, WEIGHT_ATOMIC: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    pid_outer = tl.program_id(0)
-    inner_begin = tl.program_id(1) * split_len
+    num_outer = tl.cdiv(V, BLOCK_V) if VOCAB_MAJOR else tl.cdiv(N, BLOCK_N)
+    pid_outer, pid_split = _grouped_program(tl.program_id(0), num_outer, num_splits, group_size)
+    inner_begin = pid_split * split_len
     if VOCAB_MAJOR:
         offs_v = pid_outer * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
@@ -92,9 +95,10 @@ def _linear_grad_fused_kernel(
             offs_v = i0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < inner_end
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                         stride_hn, stride_hh, stride_wv, stride_wh, temperature,
+                         stride_hn, stride_hh, stride_wv, stride_wh, 1.0 / temperature,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
-        dz = _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets,
+        # int32 targets: the one-hot compare over the tile in 32-bit (valid targets are < V < 2^31)
+        dz = _dz_tile(z, offs_v, mask_n, lse, entropy, g_logprob, g_entropy, targets.to(tl.int32),
                       HAS_GRAD_LOGPROBS, HAS_GRAD_ENTROPY) / temperature
         dz_op = dz.to(hidden_ptr.dtype.element_ty)  # tensor-core operand; accumulation stays fp32
         if COMPUTE_BIAS:
@@ -131,9 +135,9 @@ def _linear_grad_fused_kernel(
 
 
 def _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                       temperature, needs_input_grad, num_splits=None):
+                       temperature, needs_input_grad, num_splits=None, group_size=None):
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
-    check_launch_scalars(temperature, num_splits)
+    check_launch_scalars(temperature, num_splits, group_size)
     n_tokens = hidden.shape[0]
     if len(tuple(needs_input_grad)) != 3:
         fail("needs_input_grad", str(needs_input_grad), "3 booleans (hidden, weight, bias)")
@@ -158,13 +162,6 @@ def _grad_buffers(hidden, weight, bias, needs_input_grad):
                  for shape, want in zip(shapes, wanted))
 
 
-def chunked_grad_buffers(hidden, weight, bias, needs_input_grad):
-    """The buffers of the chunked designs: grad_hidden zeroed in hidden's dtype (each row is one GEMM's
-    fp32 sum over the whole vocab, written once), grad_weight / grad_bias as zeroed fp32 accumulators."""
-    _, grad_weight, grad_bias = _grad_buffers(hidden, weight, bias, needs_input_grad)
-    return torch.zeros_like(hidden) if needs_input_grad[0] else None, grad_weight, grad_bias
-
-
 def cast_grads(grads, hidden, weight, bias):
     """Each grad in its input's dtype: the one rounding of the fp32 accumulation."""
     return tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, (hidden, weight, bias)))
@@ -174,40 +171,44 @@ def linear_grad_fused(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
                       entropy: Optional[Tensor], grad_logprobs: Optional[Tensor], grad_entropy: Optional[Tensor],
                       *, temperature: float = 1.0, ignore_index: int = -100,
                       needs_input_grad: Tuple[bool, bool, bool] = (True, True, True),
-                      deterministic: bool = False, num_splits: Optional[int] = None
+                      deterministic: bool = False, num_splits: Optional[int] = None,
+                      group_size: Optional[int] = None
                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Design (b): ``(grad_hidden, grad_weight, grad_bias)`` (None where not needed, or bias is None),
     each in its input's dtype.  Shapes: hidden [N, H], weight [V, H], bias [V], targets/lse/entropy/grads [N].
-    ``deterministic=True`` uses no atomics (bitwise reproducible, one more logits recompute)."""
+    ``deterministic=True`` uses no atomics (bitwise reproducible, one more logits recompute).
+    ``num_splits`` / ``group_size``: vocab splits and outer blocks per launch group (None: tile_config's)."""
     (hidden, weight, bias, targets, lse, entropy, grad_logprobs,
      grad_entropy) = _check_grad_inputs(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
-                                        grad_entropy, temperature, needs_input_grad, num_splits)
+                                        grad_entropy, temperature, needs_input_grad, num_splits, group_size)
     grads = _grad_buffers(hidden, weight, bias, needs_input_grad)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     if n_tokens == 0 or all(g is None for g in grads) or (grad_logprobs is None and grad_entropy is None):
         return cast_grads(grads, hidden, weight, bias)
 
-    kernel, meta = tile_config.launch_params("linear_grad_fused", _linear_grad_fused_kernel,
-                                             reset_to_zero=("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"))
+    spec = tile_config.device_spec(hidden.device)
+    dots = dot_meta(hidden.dtype, hidden.device)
+    kernel, meta = tile_config.launch_params(
+        "linear_grad_fused", _linear_grad_fused_kernel, dict(N=n_tokens, V=vocab, H=dim), hidden.dtype,
+        dots["DOT_PRECISION"], spec, reset_to_zero=("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"))
 
     def launch(vocab_major, splits, grad_hidden, grad_weight, grad_bias):
-        inner = n_tokens if vocab_major else vocab
-        split_len = tile_config.split_size(inner, splits)
-        splits = -(-inner // split_len)
+        outer, inner = (vocab, n_tokens) if vocab_major else (n_tokens, vocab)
+        _, plan = tile_config.launch_plan("linear_grad_fused", hidden.dtype, dots["DOT_PRECISION"], spec, outer,
+                                          inner, dim, vocab_major, splits, group_size)
 
         def grid(META):
-            return (triton.cdiv(vocab if vocab_major else n_tokens, META["BLOCK_V" if vocab_major else "BLOCK_N"]),
-                    splits)
+            return (triton.cdiv(outer, META["BLOCK_V" if vocab_major else "BLOCK_N"]) * plan.splits,)
 
         kernel[grid](
             hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
             grad_hidden, grad_weight, grad_bias,
-            n_tokens, vocab, dim, split_len,
+            n_tokens, vocab, dim, plan.split_len, plan.splits, plan.group_size,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             float(temperature), int(ignore_index),
-            VOCAB_MAJOR=vocab_major, HIDDEN_ATOMIC=vocab_major or splits > 1,
-            WEIGHT_ATOMIC=not vocab_major or splits > 1, **dot_meta(hidden.dtype), **meta)
+            VOCAB_MAJOR=vocab_major, HIDDEN_ATOMIC=vocab_major or plan.splits > 1,
+            WEIGHT_ATOMIC=not vocab_major or plan.splits > 1, **dots, **meta)
 
     grad_hidden, grad_weight, grad_bias = grads
     if deterministic:
@@ -216,8 +217,5 @@ def linear_grad_fused(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         if grad_weight is not None or grad_bias is not None:
             launch(True, 1, None, grad_weight, grad_bias)
     else:
-        if num_splits is None:
-            token_blocks = -(-n_tokens // tile_config.default_config("linear_grad_fused").block_n)
-            num_splits = tile_config.num_splits(token_blocks, vocab, hidden.device)
         launch(False, num_splits, grad_hidden, grad_weight, grad_bias)
     return cast_grads(grads, hidden, weight, bias)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from erpo_kernels.ops import tile_config
-from erpo_kernels.ops._jit_helpers import _dz_tile, _online_softmax_step, _token_coefficients
+from erpo_kernels.ops._jit_helpers import LN2, LOG2E, _dz_tile, _online_softmax_step, _token_coefficients
 from erpo_kernels.ops.chunk_gemms import ChunkGemms, dz_dtype
 from erpo_kernels.ops.linear_grad import _HEURISTICS, _check_grad_inputs, cast_grads
 from erpo_kernels.ops.linear_stats import check_linear_inputs
@@ -44,8 +44,9 @@ def _chunk_stats_kernel(
         temperature, ignore_index,
         # meta-parameters
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online softmax over the block's rows (as ``_linear_stats_fwd_kernel`` over recomputed tiles): running
-    max, sum exp(z - max) and sum exp(z - max) (z - max); one program owns whole rows, so no merge."""
+    """Online softmax over the block's rows (as ``_linear_stats_fwd_kernel`` over recomputed tiles), in log2
+    units: running max m, s = sum 2^(z - m) and t = sum 2^(z - m) (z - m); one program owns whole rows, so
+    no merge: lse = ln2 m + ln s, H = ln s - ln2 t / s."""
     local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = local < n_rows
     offs_n = row0 + local
@@ -61,13 +62,13 @@ def _chunk_stats_kernel(
         acc = tl.load(rows + offs_v[None, :], mask=mask_n[:, None] & mask_v[None, :], other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(mask_v[None, :], acc / temperature, float("-inf"))
-        run_max, run_sumexp, run_sumzexp = _online_softmax_step(run_max, run_sumexp, run_sumzexp, z)
-        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+        z2 = tl.where(mask_v[None, :], acc * (LOG2E / temperature), float("-inf"))   # log2 units
+        run_max, run_sumexp, run_sumzexp = _online_softmax_step(run_max, run_sumexp, run_sumzexp, z2)
+        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], acc / temperature, 0.0), axis=1)
     log_sumexp = tl.log(run_sumexp)
-    lse = run_max + log_sumexp
-    entropy = log_sumexp - run_sumzexp / run_sumexp
-    logprobs = tl.where(targets != ignore_index, target_logit - lse, 0.0)
+    lse = run_max * LN2 + log_sumexp
+    entropy = log_sumexp - run_sumzexp * LN2 / run_sumexp
+    logprobs = tl.where(targets != ignore_index, tl.minimum(target_logit - lse, 0.0), 0.0)
     tl.store(logprobs_ptr + offs_n, logprobs, mask=mask_n)
     tl.store(entropy_ptr + offs_n, entropy, mask=mask_n)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
@@ -120,11 +121,12 @@ class ChunkWorkspace:
         rows = min(chunk_size, hidden.shape[0])
         vocab, device = weight.shape[0], hidden.device
         self.gemms = ChunkGemms(weight, want_grads)
+        self.spec = tile_config.device_spec(device)
         self.logits = torch.empty(rows, vocab, dtype=torch.float32, device=device)
         dz = dz_dtype(weight.dtype)
         self.dz = self.logits if dz == torch.float32 else torch.empty(rows, vocab, dtype=dz, device=device)
         want_h, want_w, want_b = needs_input_grad if want_grads else (False, False, False)
-        self.epilogue = tile_config.default_config("dz_epilogue")
+        self.epilogue = tile_config.default_config("dz_epilogue", spec=self.spec)
         blocks = triton.cdiv(rows, self.epilogue.block_n)
         self.bias_partial = torch.empty(blocks, vocab, dtype=torch.float32, device=device) \
             if want_b and bias is not None else None
@@ -156,7 +158,8 @@ def chunk_stats_(logits: Tensor, bias: Optional[Tensor], targets: Tensor, row0: 
                  entropy: Tensor, lse: Tensor, temperature: float, ignore_index: int) -> None:
     """Write rows [row0, row0 + n) of logprobs / entropy / lse [N] from the chunk's raw fp32 logits [n, V]."""
     n_rows, vocab = logits.shape
-    kernel, meta = tile_config.launch_params("logits_stats", _chunk_stats_kernel, key=("n_rows", "V"))
+    kernel, meta = tile_config.launch_params("logits_stats", _chunk_stats_kernel, dict(N=n_rows, V=vocab),
+                                             spec=tile_config.device_spec(logits.device))
 
     def grid(META):
         return (triton.cdiv(n_rows, META["BLOCK_N"]),)
@@ -171,7 +174,10 @@ def dz_epilogue_(logits: Tensor, dz: Tensor, bias: Optional[Tensor], targets: Te
     """dz [n, V] (GEMM dtype; may be ``logits`` itself) = dz / temperature of rows [row0, row0 + n) from their
     raw fp32 logits; per-token arrays are [N]; bias_partial [row blocks, V] gets the column sums."""
     n_rows, vocab = logits.shape
-    meta = tile_config.default_config("dz_epilogue").meta(("BLOCK_N", "BLOCK_V"))
+    # fixed config, never autotuned: the epilogue writes dz over its input (an autotuner would have to restore
+    # the buffer between trials), and its row blocks must match the bias partials' (ChunkWorkspace)
+    meta = tile_config.default_config("dz_epilogue", spec=tile_config.device_spec(logits.device)).meta(
+        ("BLOCK_N", "BLOCK_V"))
     grid = (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
     _dz_epilogue_kernel[grid](logits, dz, bias, targets, lse, entropy, grad_logprobs, grad_entropy, bias_partial,
                               n_rows, vocab, row0, logits.stride(0), dz.stride(0), float(temperature),

@@ -4,14 +4,20 @@ states, never materializing the [N, V] logits.
 torch: ``z = (hidden @ weight.T + bias).float() / T; lse = z.logsumexp(-1);``
 ``logprobs = z[n, y_n] - lse`` (0 where ``y_n == ignore_index``); ``entropy = lse - (z.softmax(-1) * z).sum(-1)``.
 
-Grid ``(cdiv(N, BLOCK_N), splits)``: token blocks on axis 0 (unbounded), vocab splits on axis 1 (small).
-Each program streams the vocab tiles of its split, keeping per token the running max ``m``, the running
-``s = sum exp(z - m)`` and ``t = sum exp(z - m) * (z - m)``; ``m`` starts at -inf (never 0: rows of very
-negative logits).  Keeping ``t`` relative to the running max, not ``sum p z``, avoids the cancellation of
-``lse - sum p z`` when |z| is large; then ``H = log s - t / s`` (>= 0 term by term: t <= 0, s >= 1).
+One grid axis of ``token_blocks * splits`` programs, each one (token block, vocab split) in the grouped
+order of ``_grouped_program`` (tile_config.launch_plan picks the split count and the group size so the
+programs resident at one time share their hidden blocks in L2).  Each program streams the vocab tiles of
+its split, keeping per token, in log2 units, the running max ``m``, ``s = sum 2^(z - m)`` and
+``t = sum 2^(z - m) * (z - m)``; ``m`` starts at -inf (never 0: rows of very negative logits).  Keeping
+``t`` relative to the running max, not ``sum p z``, avoids the cancellation of ``lse - sum p z`` when |z| is
+large; then ``H = log s - t / s`` (>= 0 term by term: t <= 0, s >= 1).  Partials leave in natural units.
 ``_linear_stats_merge_kernel`` merges the splits flash-decoding style: with M = max_k m_k and
 ``w_k = exp(m_k - M)``: ``S = sum w_k s_k``, ``T = sum w_k (t_k + s_k (m_k - M))``, ``lse = M + log S``.
-The target logit is written by the one split whose range holds it.
+The target logit is a separate dot product ``hidden[n] . weight[y_n]`` taken once per token by the
+programs of split 0 before their vocab loop: picking it out of every logit tile costs a compare, a select
+and an add per logit, and the registers: compiled offline for sm_90a, the 128x256 tile spilled 60 bytes
+with that pick in the loop and none without.  It is rounded differently from the tile's copy of the same
+logit, so ``logprobs`` is clamped to <= 0 (log p <= 0 exactly).
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import triton
 import triton.language as tl
 
 from erpo_kernels.ops import tile_config
-from erpo_kernels.ops._jit_helpers import _logits_tile, _online_softmax_step, dot_meta
+from erpo_kernels.ops._jit_helpers import (LN2, LOG2E, _grouped_program, _logits_tile,
+                                            _online_softmax_step, dot_meta)
 from erpo_kernels.validation import fail
 
 Tensor = torch.Tensor
@@ -36,7 +43,7 @@ def _linear_stats_fwd_kernel(
         hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
         part_max_ptr, part_sumexp_ptr, part_sumzexp_ptr, target_logit_ptr,
         # sizes
-        N, V, H, split_cols, num_splits,
+        N, V, H, split_cols, num_splits, group_size,
         # strides
         stride_hn, stride_hh, stride_wv, stride_wh,
         # scalars
@@ -44,71 +51,56 @@ def _linear_stats_fwd_kernel(
         # meta-parameters
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    pid_n, pid_split = _grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, group_size)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
+    if pid_split == 0:
+        _target_logit(hidden_ptr, weight_ptr, bias_ptr, target_logit_ptr, targets, offs_n, mask_n, V, H,
+                      stride_hn, stride_hh, stride_wv, stride_wh, temperature, ignore_index,
+                      HAS_BIAS, BLOCK_N, BLOCK_H)
     v_begin = pid_split * split_cols
     v_end = tl.minimum(v_begin + split_cols, V)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_sumzexp = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m), <= 0
-    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    run_sumzexp = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum 2^(z - m) * (z - m), <= 0
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                         stride_hn, stride_hh, stride_wv, stride_wh, temperature,
+                         stride_hn, stride_hh, stride_wv, stride_wh, LOG2E / temperature,
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
         run_max, run_sumexp, run_sumzexp = _online_softmax_step(run_max, run_sumexp, run_sumzexp, z)
-        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
 
     part = offs_n.to(tl.int64) * num_splits + pid_split
-    tl.store(part_max_ptr + part, run_max, mask=mask_n)
+    tl.store(part_max_ptr + part, run_max * LN2, mask=mask_n)
     tl.store(part_sumexp_ptr + part, run_sumexp, mask=mask_n)
-    tl.store(part_sumzexp_ptr + part, run_sumzexp, mask=mask_n)
-    owns_target = mask_n & (targets >= v_begin) & (targets < v_end)
-    tl.store(target_logit_ptr + offs_n, target_logit, mask=owns_target)
+    tl.store(part_sumzexp_ptr + part, run_sumzexp * LN2, mask=mask_n)
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
 @triton.jit
-def _logits_stats_kernel(
-        # pointers (logits: raw h @ W^T in fp32, read once, left untouched)
-        logits_ptr, bias_ptr, targets_ptr, part_max_ptr, part_sumexp_ptr, part_sumzexp_ptr, target_logit_ptr,
-        # sizes
-        N, V,
-        # strides
-        stride_ln,
-        # scalars
-        temperature, ignore_index,
-        # meta-parameters
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The online-softmax statistics of ``_linear_stats_fwd_kernel`` from a materialized logits chunk
-    (design (a) of the training sweep); one split per row, merged by ``_linear_stats_merge_kernel``."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
-    rows = logits_ptr + offs_n.to(tl.int64)[:, None] * stride_ln
-    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    run_sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    run_sumzexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        acc = tl.load(rows + offs_v[None, :], mask=mask_n[:, None] & mask_v[None, :], other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(mask_v[None, :], acc / temperature, float("-inf"))
-        run_max, run_sumexp, run_sumzexp = _online_softmax_step(run_max, run_sumexp, run_sumzexp, z)
-        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-    tl.store(part_max_ptr + offs_n, run_max, mask=mask_n)
-    tl.store(part_sumexp_ptr + offs_n, run_sumexp, mask=mask_n)
-    tl.store(part_sumzexp_ptr + offs_n, run_sumzexp, mask=mask_n)
-    tl.store(target_logit_ptr + offs_n, target_logit, mask=mask_n)
+def _target_logit(hidden_ptr, weight_ptr, bias_ptr, target_logit_ptr, targets, offs_n, mask_n, V, H,
+                  stride_hn, stride_hh, stride_wv, stride_wh, temperature, ignore_index,
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """target_logit[n] = (hidden[n] . weight[y_n] + bias[y_n]) / T in fp32 (CUDA cores; N*H gathered
+    weight elements, noise next to the N*H*V of the tiles); NaN for a target outside [0, V)."""
+    in_range = (targets >= 0) & (targets < V)
+    rows = mask_n & in_range
+    h_rows = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_hn
+    w_rows = weight_ptr + tl.where(rows, targets, 0)[:, None] * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = rows[:, None] & (offs_h < H)[None, :]
+        h = tl.load(h_rows + offs_h[None, :] * stride_hh, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs_h[None, :] * stride_wh, mask=mask, other=0.0).to(tl.float32)
+        acc += h * w
+    logit = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        logit += tl.load(bias_ptr + targets, mask=rows, other=0.0).to(tl.float32)
+    logit = tl.where(in_range, logit / temperature, float("nan"))
+    tl.store(target_logit_ptr + offs_n, logit, mask=mask_n & (targets != ignore_index))
 
 
 @triton.jit
@@ -143,7 +135,9 @@ def _linear_stats_merge_kernel(
     targets = tl.load(targets_ptr + offs_n, mask=mask_n, other=ignore_index)
     valid = mask_n & (targets != ignore_index)
     target_logit = tl.load(target_logit_ptr + offs_n, mask=valid, other=0.0)
-    logprobs = tl.where(valid, target_logit - lse, 0.0)
+    logprobs = target_logit - lse
+    # log p <= 0; the target logit and lse are rounded apart (see the module docstring); NaN stays NaN
+    logprobs = tl.where(valid, tl.where(logprobs > 0, 0.0, logprobs), 0.0)
     tl.store(logprobs_ptr + offs_n, logprobs, mask=mask_n)
     tl.store(entropy_ptr + offs_n, entropy, mask=mask_n)
     tl.store(lse_ptr + offs_n, lse, mask=mask_n)
@@ -171,46 +165,49 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return tuple(contiguous)
 
 
-def check_launch_scalars(temperature: float, num_splits: Optional[int]) -> None:
+def check_launch_scalars(temperature: float, num_splits: Optional[int], group_size: Optional[int] = None) -> None:
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         fail("temperature", temperature, "a float > 0")
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        fail("num_splits", num_splits, "None (automatic) or an int >= 1")
+    for name, value in (("num_splits", num_splits), ("group_size", group_size)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            fail(name, value, "None (automatic) or an int >= 1")
 
 
 def linear_stats_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                     temperature: float = 1.0, ignore_index: int = -100, num_splits: Optional[int] = None
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+                     temperature: float = 1.0, ignore_index: int = -100, num_splits: Optional[int] = None,
+                     group_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(logprobs, entropy, lse)``, each fp32 [N], for hidden [N, H], weight [V, H], bias [V] or None,
-    targets int64 [N].  ``num_splits`` (vocab splits per token block) defaults to enough to fill the GPU.
+    targets int64 [N].  ``num_splits`` (vocab splits per token block) and ``group_size`` (token blocks per
+    launch group) default to tile_config.split_plan's choice for the device.
     A target outside [0, V) other than ``ignore_index`` gives a NaN log-prob (no device sync to check)."""
     hidden, weight, bias, targets = check_linear_inputs(hidden, weight, bias, targets)
-    check_launch_scalars(temperature, num_splits)
+    check_launch_scalars(temperature, num_splits, group_size)
     n_tokens, dim = hidden.shape
     vocab = weight.shape[0]
     if n_tokens == 0:
         return tuple(torch.empty(0, dtype=torch.float32, device=hidden.device) for _ in range(3))
 
-    kernel, meta = tile_config.launch_params("linear_stats_fwd", _linear_stats_fwd_kernel)
-    if num_splits is None:
-        num_splits = tile_config.num_splits(-(-n_tokens // tile_config.default_config("linear_stats_fwd").block_n),
-                                            vocab, hidden.device)
-    split_cols = tile_config.split_size(vocab, num_splits)
-    splits = -(-vocab // split_cols)
-    partials = torch.empty(3, n_tokens, splits, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.full((n_tokens,), float("nan"), dtype=torch.float32, device=hidden.device)
+    spec = tile_config.device_spec(hidden.device)
+    dots = dot_meta(hidden.dtype, hidden.device)
+    kernel, meta = tile_config.launch_params("linear_stats_fwd", _linear_stats_fwd_kernel,
+                                             dict(N=n_tokens, V=vocab, H=dim), hidden.dtype,
+                                             dots["DOT_PRECISION"], spec)
+    _, plan = tile_config.launch_plan("linear_stats_fwd", hidden.dtype, dots["DOT_PRECISION"], spec, n_tokens, vocab,
+                                      dim, splits=num_splits, group_size=group_size)
+    partials = torch.empty(3, n_tokens, plan.splits, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)  # read where written
 
     def grid(META):
-        return (triton.cdiv(n_tokens, META["BLOCK_N"]), splits)
+        return (triton.cdiv(n_tokens, META["BLOCK_N"]) * plan.splits,)
 
     kernel[grid](
         hidden, weight, bias, targets, partials[0], partials[1], partials[2], target_logit,
-        n_tokens, vocab, dim, split_cols, splits,
+        n_tokens, vocab, dim, plan.split_len, plan.splits, plan.group_size,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(temperature), int(ignore_index),
-        **dot_meta(hidden.dtype), **meta)
+        **dots, **meta)
 
-    return _merge_partials(partials, target_logit, targets, splits, ignore_index)
+    return _merge_partials(partials, target_logit, targets, plan.splits, ignore_index)
 
 
 def _merge_partials(partials: Tensor, target_logit: Tensor, targets: Tensor, splits: int, ignore_index: int
@@ -218,32 +215,11 @@ def _merge_partials(partials: Tensor, target_logit: Tensor, targets: Tensor, spl
     """``(logprobs, entropy, lse)`` from per-split partials [3, N, splits] and the target logits [N]."""
     n_tokens = targets.shape[0]
     logprobs, entropy, lse = (torch.empty(n_tokens, dtype=torch.float32, device=targets.device) for _ in range(3))
-    merge = tile_config.default_config("linear_stats_merge")
-    _linear_stats_merge_kernel[(triton.cdiv(n_tokens, merge.block_n),)](
+    spec = tile_config.device_spec(targets.device)
+    merge = tile_config.default_config("linear_stats_merge", spec=spec)
+    block_n = tile_config.merge_block_n(splits, spec)
+    _linear_stats_merge_kernel[(triton.cdiv(n_tokens, block_n),)](
         partials[0], partials[1], partials[2], target_logit, targets, logprobs, entropy, lse,
         n_tokens, splits, int(ignore_index),
-        BLOCK_N=merge.block_n, BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=merge.num_warps)
+        BLOCK_N=block_n, BLOCK_S=max(triton.next_power_of_2(splits), 2), num_warps=merge.num_warps)
     return logprobs, entropy, lse
-
-
-def logits_stats(logits: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float = 1.0,
-                 ignore_index: int = -100) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logprobs, entropy, lse)`` fp32 [n] of a contiguous fp32 chunk ``logits`` [n, V] = h @ W^T (bias
-    and temperature not yet applied), read once.  Used by the 3-GEMM training sweep."""
-    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.dtype != torch.float32 \
-            or not logits.is_contiguous():
-        fail("logits", logits, "a contiguous fp32 [n, V] tensor")
-    if tuple(targets.shape) != (logits.shape[0],) or targets.dtype != torch.int64:
-        fail("targets", targets, f"an int64 [n] = [{logits.shape[0]}] tensor")
-    check_launch_scalars(temperature, None)
-    n_tokens, vocab = logits.shape
-    partials = torch.empty(3, n_tokens, 1, dtype=torch.float32, device=logits.device)
-    target_logit = torch.empty(n_tokens, dtype=torch.float32, device=logits.device)
-    kernel, meta = tile_config.launch_params("logits_stats", _logits_stats_kernel, key=("N", "V"))
-
-    def grid(META):
-        return (triton.cdiv(n_tokens, META["BLOCK_N"]),)
-
-    kernel[grid](logits, bias, targets, partials[0], partials[1], partials[2], target_logit,
-                 n_tokens, vocab, logits.stride(0), float(temperature), int(ignore_index), **meta)
-    return _merge_partials(partials, target_logit, targets, 1, ignore_index)

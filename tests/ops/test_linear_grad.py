@@ -220,3 +220,25 @@ def test_grads_realistic_shape(design):
     expected = torch_chunked.linear_stats_backward(h, w, None, targets, lse, entropy, g_lp, g_ent, chunk_size=512)
     for name, g, e in zip(("grad_hidden", "grad_weight"), got[:2], expected[:2]):
         assert_close(g, e, rtol=2e-2, atol=1e-2, name=name, scaled=True)
+
+
+@pytest.mark.parametrize("deterministic,num_splits,group_size", [(False, 3, 3), (True, None, 2)],
+                         ids=["atomic-3splits-groups3", "deterministic-groups2"])
+def test_fused_grouped_launch_at_ragged_sizes(deterministic, num_splits, group_size, make_linear_inputs, device):
+    """Launch groups that do not divide the grid: N=97 is 4 token blocks of 32 (the last ragged; groups of 3
+    leave one block alone), V=203 is 7 vocab blocks (vocab-major groups of 2 leave one alone) and 3 splits
+    of 80 / 80 / 43 columns; H=40 a ragged H chunk."""
+    hidden, weight, bias, targets = make_linear_inputs(97, 40, 203, ignore_every=6)
+    g_lp, g_ent = upstream(97, "both", device)
+    _, entropy, lse = linear_stats_fwd(hidden, weight, bias, targets, temperature=0.9)
+    got = linear_grad_fused(hidden, weight, bias, targets, lse, entropy, g_lp, g_ent, temperature=0.9,
+                            deterministic=deterministic, num_splits=num_splits, group_size=group_size)
+    expected = reference_grads(hidden, weight, bias, targets, g_lp, g_ent, 0.9)
+    check_grads(got, expected, (hidden, weight, bias), 2e-5)
+
+
+def test_invalid_group_size_raises(make_linear_inputs, device):
+    hidden, weight, bias, targets = make_linear_inputs(8, 16, 20)
+    lse, g = torch.zeros(8, device=device), torch.ones(8, device=device)
+    with pytest.raises(ValueError, match="group_size"):
+        linear_grad_fused(hidden, weight, bias, targets, lse, None, g, None, group_size=0)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from erpo_kernels import reference
+from erpo_kernels.ops._jit_helpers import _grouped_program
 from erpo_kernels.ops.linear_stats import linear_stats_fwd
 from tests.helpers import assert_close
 
@@ -127,3 +130,58 @@ def test_more_tokens_than_a_grid_axis_holds():
     expected = reference.token_stats(hidden, weight, None, targets)
     for name, g, e in zip(("logprobs", "entropy", "lse"), got, expected):
         assert_close(g, e, rtol=1e-4, atol=1e-4, name=name)
+
+
+# ---- launch order: the grouped (token block, vocab split) mapping of one grid axis -------------------------
+@triton.jit
+def _grouped_mapping_kernel(outer_ptr, inner_ptr, num_outer, num_inner, group_size):
+    pid = tl.program_id(0)
+    outer, inner = _grouped_program(pid, num_outer, num_inner, group_size)
+    tl.store(outer_ptr + pid, outer)
+    tl.store(inner_ptr + pid, inner)
+
+
+@pytest.mark.parametrize("num_outer,num_inner,group_size", [(9, 3, 4), (7, 1, 3), (5, 4, 8), (6, 2, 1)],
+                         ids=["ragged-last-group", "one-split", "group-larger-than-grid", "group-1"])
+def test_grouped_program_is_a_grouped_bijection(num_outer, num_inner, group_size):
+    """Every (outer block, split) exactly once; group g's programs are consecutive and cover outer blocks
+    [g * group, (g + 1) * group) x all splits, outer block fastest (the last group may be short)."""
+    programs = num_outer * num_inner
+    outer, inner = (torch.full((programs,), -1, dtype=torch.int32) for _ in range(2))
+    _grouped_mapping_kernel[(programs,)](outer, inner, num_outer, num_inner, group_size)
+    pairs = list(zip(outer.tolist(), inner.tolist()))
+    assert sorted(pairs) == [(o, i) for o in range(num_outer) for i in range(num_inner)], pairs
+    start = 0
+    for first in range(0, num_outer, group_size):
+        rows = min(group_size, num_outer - first)
+        expected = [(first + k % rows, k // rows) for k in range(rows * num_inner)]
+        assert pairs[start:start + rows * num_inner] == expected, f"group at outer block {first}"
+        start += rows * num_inner
+
+
+@pytest.mark.parametrize("num_splits,group_size", [(3, 3), (1, 2), (5, 1)],
+                         ids=["3splits-groups3", "1split-groups2", "5splits-groups1"])
+def test_stats_grouped_launch_at_ragged_sizes(num_splits, group_size, make_linear_inputs):
+    """N=97 (4 token blocks of 32, the last one ragged, groups ragged), V=203 over splits of 80 / 48
+    columns (ragged last split and tile), H=40 (ragged H chunk)."""
+    hidden, weight, bias, targets = make_linear_inputs(97, 40, 203, ignore_every=6)
+    got = linear_stats_fwd(hidden, weight, bias, targets, temperature=1.1, num_splits=num_splits,
+                           group_size=group_size)
+    check_stats(got, reference_stats(hidden, weight, bias, targets, 1.1), targets, -100, rtol=2e-5, atol=2e-5)
+
+
+def test_target_outside_vocab_gives_nan_logprob(make_linear_inputs):
+    """The target logit is a separate gather-dot now: a target in [V, inf) must still give NaN, not a read
+    past the weight."""
+    hidden, weight, bias, targets = make_linear_inputs(12, 16, 30)
+    targets[3] = 30
+    logprobs, entropy, lse = linear_stats_fwd(hidden, weight, bias, targets)
+    assert bool(torch.isnan(logprobs[3])), logprobs
+    assert bool(torch.isfinite(logprobs[torch.arange(12) != 3]).all())
+    assert bool(torch.isfinite(entropy).all() & torch.isfinite(lse).all())
+
+
+def test_invalid_group_size_raises(make_linear_inputs):
+    hidden, weight, bias, targets = make_linear_inputs(8, 16, 20)
+    with pytest.raises(ValueError, match="group_size"):
+        linear_stats_fwd(hidden, weight, bias, targets, group_size=0)
