@@ -145,7 +145,9 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
     rewards = rewards.to(dtype)
     group_index, num_groups, _ = as_groups(group_ids)
     every_row = torch.ones_like(rewards, dtype=torch.bool)
-    r_mean, r_std, _ = segment_mean_std(rewards, group_index, every_row, num_groups)
+    r_mean, r_std, r_count = segment_mean_std(rewards, group_index, every_row, num_groups)
+    if config.reward_std == "unbiased":   # Bessel's correction, as TRL and verl (one-row groups: zero variance)
+        r_std = r_std * (r_count / (r_count - 1).clamp_min(1)).sqrt()
     r_max = torch.full((num_groups,), -math.inf, dtype=dtype, device=rewards.device).scatter_reduce(
         0, group_index, rewards, "amax")
     r_min = torch.full((num_groups,), math.inf, dtype=dtype, device=rewards.device).scatter_reduce(
@@ -153,7 +155,7 @@ def token_advantages(rewards: Tensor, mask: Tensor, group_ids: Tensor, old_entro
     zero_var = (r_max == r_min)[group_index]
     seq_adv = rewards - r_mean
     if config.std_normalize:
-        seq_adv = seq_adv / (r_std + config.eps)
+        seq_adv = seq_adv / (r_std + config.reward_eps)
     seq_adv = torch.where(zero_var, torch.zeros_like(seq_adv), seq_adv)
 
     gate = gates.to(dtype) * mask if gates is not None else entropy_gate(
@@ -214,25 +216,35 @@ def erpo_advantages(rewards, mask: Tensor, old_entropy: Tensor, old_logprobs: Op
                     ref_logprobs: Optional[Tensor] = None, *, group_size: Optional[int] = None,
                     group_ids: Optional[Tensor] = None, config: Optional[ERPOConfig] = None,
                     token_weights: Optional[Tensor] = None, gates: Optional[Tensor] = None,
+                    cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
                     backend: str = "auto") -> Advantages:
-    """Token advantages alone, for trainers that already have log-probs and entropy.
+    """Token advantages alone, for trainers that already have log-probs and entropy, and for computing them once
+    on a whole generation batch before it is split into micro-batches (then ``erpo_loss(..., advantages=A)``).
 
     rewards [B]; mask [B, T] completion mask; old_entropy [B, T] (entropy of the sampling policy);
     old_logprobs / ref_logprobs [B, T] (both needed for the progress term); one of group_size
     (consecutive rows) or group_ids [B]; gates [B, T] replaces the entropy gate W; token_weights
-    [B, T] multiplies A.  Returns :class:`Advantages` (detached tensors).
+    [B, T] multiplies A.  Packed: every per-token tensor [N] with ``cu_seqlens`` [S+1], rewards [S].
+    Returns :class:`Advantages` (detached), per-token fields in the caller's layout.
     """
     from erpo_kernels import validation as v
+    from erpo_kernels.packing import Layout, packed_layout
     config = config or ERPOConfig()
     checks = v.ValueChecks(config.check_values)
-    v.check_float("old_entropy", old_entropy, ndim=2)
+    v.check_float("old_entropy", old_entropy, ndim=1 if cu_seqlens is not None else 2)
     shape, device = tuple(old_entropy.shape), old_entropy.device
+    layout = Layout(shape) if cu_seqlens is None else packed_layout(cu_seqlens, shape[0], device, max_seqlen, checks)
     mask = v.check_mask(mask, shape, device, checks)
     v.check_some_tokens(mask, mask, checks, "at least one completion token in the batch")
-    rewards = v.check_rewards(rewards, shape[0], device, checks)
-    groups = v.resolve_groups(shape[0], device, group_size, group_ids)
+    rows = layout.shape[0]
+    rewards = v.check_rewards(rewards, rows, device, checks)
+    groups = v.resolve_groups(rows, device, group_size, group_ids)
     v.check_token_inputs(shape, device, mask, checks, old_entropy=old_entropy, old_logprobs=old_logprobs,
                          ref_logprobs=ref_logprobs, token_weights=token_weights, gates=gates)
     checks.run()
-    return compute_advantages(rewards, mask, groups, old_entropy, old_logprobs, ref_logprobs, config,
-                              token_weights, gates, backend)
+    pad = layout.pad
+    out = compute_advantages(rewards, pad(mask, False), groups, pad(old_entropy), pad(old_logprobs),
+                             pad(ref_logprobs), config, pad(token_weights), pad(gates), backend)
+    back = layout.unpad
+    return Advantages(back(out.advantages), back(out.gate), out.seq_advantage, back(out.bucket), back(out.signal),
+                      out.zero_var)

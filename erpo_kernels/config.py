@@ -17,6 +17,7 @@ GATE_SCOPES = ("group", "batch", "sequence", "global")
 PROGRESS = ("position", "cum_entropy")
 POLARITIES = ("erpo", "ep_grpo")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant", "holder")
+REWARD_STDS = ("population", "unbiased")
 
 # Structure of each mode.  Fields not named here keep their dataclass default.
 _PRESETS = {
@@ -44,6 +45,9 @@ class ERPOConfig:
     eps: float = 1e-6                      # every denominator (std, entropy sums)
     # --- outcome advantage -------------------------------------------------------------
     std_normalize: Optional[bool] = None   # A_seq /= std_g(r) (False for Dr.GRPO)
+    reward_std: str = "population"         # std of a group's rewards for A_seq: "population" (pinned) or
+                                           # "unbiased" (Bessel's correction, as TRL and verl compute it)
+    reward_std_eps: Optional[float] = None # added to that std; None = eps (TRL uses 1e-4, verl 1e-6)
     # --- (i) entropy gate --------------------------------------------------------------
     gate: Optional[str] = None             # "sigmoid" | "topk" (hard, top fraction) | "none" (W = 1)
     gate_gamma: float = 5.0
@@ -112,6 +116,7 @@ class ERPOConfig:
         choice("progress", PROGRESS)
         choice("polarity", POLARITIES)
         choice("aggregation", AGGREGATIONS)
+        choice("reward_std", REWARD_STDS)
         for name in ("std_normalize", "progress_term", "gate_normalize", "bucket_normalize", "fused_train",
                      "check_values"):
             if not isinstance(getattr(self, name), bool):
@@ -122,6 +127,7 @@ class ERPOConfig:
                      "kl_beta", "entropy_coef"):
             positive(name, allow_zero=True)
         positive("progress_cap_kappa", optional=True)
+        positive("reward_std_eps", allow_zero=True, optional=True)
         positive("dual_clip_c", optional=True)
         if self.gate == "topk" and self.gate_scope == "global":
             raise ValueError("ERPOConfig.gate_scope: got 'global' with gate='topk', expected 'group', 'batch' "
@@ -150,6 +156,11 @@ class ERPOConfig:
             for name in _PRESET_FIELDS:
                 changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
+
+    @property
+    def reward_eps(self) -> float:
+        """The eps added to a group's reward std in A_seq."""
+        return self.eps if self.reward_std_eps is None else self.reward_std_eps
 
     @property
     def uses_gate(self) -> bool:

@@ -77,10 +77,13 @@ class SweepTerms:
         return torch.dot(self.recorded.loss, self.weights)
 
 
-def fused_path_applies(config: ERPOConfig, old_entropy, old_logprobs, ref_logprobs, backend_module) -> bool:
-    """True when the per-token coefficients are known up front and the backend has a fused sweep."""
-    needs_current_lp = old_logprobs is None and config.progress_term and ref_logprobs is not None
-    return (old_entropy is not None and not needs_current_lp and is_linear(config)
+def fused_path_applies(config: ERPOConfig, coefficients_known: bool, old_logprobs, ref_logprobs,
+                       backend_module, advantages_given: bool = False) -> bool:
+    """True when every token's coefficient is known up front (old entropy or the advantages themselves given;
+    the progress term, if any, needs no current log-probs) and the backend has a fused sweep."""
+    needs_current_lp = (not advantages_given and old_logprobs is None and config.progress_term
+                        and ref_logprobs is not None)
+    return (coefficients_known and not needs_current_lp and is_linear(config)
             and hasattr(backend_module, "linear_fused_train"))
 
 

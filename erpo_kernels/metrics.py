@@ -50,18 +50,21 @@ def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor,
     """Means over the completion tokens (``valid``) unless named otherwise; counts of tokens and groups.
 
     loss, num_tokens, entropy / old_entropy / logprob (current and old policy), ratio, clip fractions (low,
-    high, both, dual), gate_mean and gate_frac_above_half (over completion tokens), adv_mean, adv_abs_mean,
-    progress_signal_abs_mean, zero_var_groups / num_groups, and kl (k3, when reference log-probs are given).
+    high, both, dual), adv_mean, adv_abs_mean, kl (k3, when reference log-probs are given); when the
+    advantages were synthesized here (not given by the caller): gate_mean and gate_frac_above_half,
+    progress_signal_abs_mean, zero_var_groups / num_groups.
     Every mean comes from one masked reduction over a stack of the per-token quantities (a few ops in all).
     """
     dtype = entropy.dtype
-    sources = {
-        "entropy": entropy, "old_entropy": old_entropy, "logprob": logprobs, "ratio": info["ratio"],
-        "clip_frac": info["clip_low"] | info["clip_high"], "clip_frac_low": info["clip_low"],
-        "clip_frac_high": info["clip_high"], "dual_clip_frac": info["dual_clip"], "gate_mean": adv.gate,
-        "gate_frac_above_half": adv.gate > 0.5, "adv_mean": adv.advantages, "adv_abs_mean": adv.advantages.abs(),
-        "progress_signal_abs_mean": adv.signal.abs(),
-    }
+    sources = {"entropy": entropy, "logprob": logprobs, "ratio": info["ratio"],
+               "clip_frac": info["clip_low"] | info["clip_high"], "clip_frac_low": info["clip_low"],
+               "clip_frac_high": info["clip_high"], "dual_clip_frac": info["dual_clip"],
+               "adv_mean": adv.advantages, "adv_abs_mean": adv.advantages.abs()}
+    if old_entropy is not None:
+        sources["old_entropy"] = old_entropy
+    if adv.gate is not None:       # synthesized here (not the caller's precomputed advantages)
+        sources.update(gate_mean=adv.gate, gate_frac_above_half=adv.gate > 0.5,
+                       progress_signal_abs_mean=adv.signal.abs())
     if ref_logprobs is not None:
         delta = ref_logprobs - logprobs
         sources["kl"] = torch.exp(delta) - delta - 1.0
@@ -70,9 +73,10 @@ def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor,
         n = valid.sum()
         # where(), not a product: padding may hold inf (e.g. a ratio of garbage log-probs), and inf * 0 = NaN
         means = torch.where(valid, stacked, 0.0).sum((1, 2)) / n.clamp_min(1)
-        zero_var_groups = torch.zeros(groups.count, dtype=torch.bool, device=valid.device).index_put(
-            (groups.index,), adv.zero_var).sum()
         tensors = dict(zip(sources, means.unbind()))
-        tensors.update(loss=loss.detach(), num_tokens=n, zero_var_groups=zero_var_groups,
-                       num_groups=torch.full((), float(groups.count), device=valid.device))
+        tensors.update(loss=loss.detach(), num_tokens=n)
+        if groups is not None and adv.zero_var is not None:
+            tensors["zero_var_groups"] = torch.zeros(groups.count, dtype=torch.bool, device=valid.device).index_put(
+                (groups.index,), adv.zero_var).sum()
+            tensors["num_groups"] = torch.full((), float(groups.count), device=valid.device)
     return Metrics(tensors)

@@ -50,23 +50,28 @@ def _mean_std(values: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, ((values - mean) ** 2).mean().sqrt()
 
 
-def group_reward_stats(rewards: Tensor, group_ids: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-sequence group mean, group std and a zero-variance flag (all rewards of the group equal)."""
+def group_reward_stats(rewards: Tensor, group_ids: Tensor, unbiased: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-sequence group mean, group std (population, or with Bessel's correction) and a zero-variance flag
+    (all rewards of the group equal)."""
     mean, std = torch.zeros_like(rewards), torch.zeros_like(rewards)
     zero_var = torch.zeros_like(rewards, dtype=torch.bool)
     for g in group_ids.unique():
         rows = group_ids == g
-        mean[rows], std[rows] = _mean_std(rewards[rows])
-        zero_var[rows] = bool(rewards[rows].max() == rewards[rows].min())
+        values = rewards[rows]
+        mean[rows], std[rows] = _mean_std(values)
+        if unbiased and values.numel() > 1:
+            std[rows] = values.std(unbiased=True)
+        zero_var[rows] = bool(values.max() == values.min())
     return mean, std, zero_var
 
 
 def outcome_advantage(rewards: Tensor, group_ids: Tensor, config: ERPOConfig) -> Tensor:
-    """A_seq[i] = (r_i - mean_g r) / (std_g r + eps), without the std for Dr.GRPO; 0 in zero-variance groups."""
-    mean, std, zero_var = group_reward_stats(rewards, group_ids)
+    """A_seq[i] = (r_i - mean_g r) / (std_g r + eps), without the std for Dr.GRPO; 0 in zero-variance groups.
+    config.reward_std picks the std (population, or unbiased as TRL / verl), config.reward_eps the eps."""
+    mean, std, zero_var = group_reward_stats(rewards, group_ids, config.reward_std == "unbiased")
     adv = rewards - mean
     if config.std_normalize:
-        adv = adv / (std + config.eps)
+        adv = adv / (std + config.reward_eps)
     return torch.where(zero_var, torch.zeros_like(adv), adv)
 
 

@@ -109,34 +109,39 @@ def is_linear(config: ERPOConfig) -> bool:
     return config.aggregation != "holder" or config.holder_p == 1.0
 
 
-def aggregation_weights(valid: Tensor, config: ERPOConfig, dtype: torch.dtype = torch.float32) -> Tensor:
+def aggregation_weights(valid: Tensor, config: ERPOConfig, dtype: torch.dtype = torch.float32,
+                        normalizer=None) -> Tensor:
     """w [B, T] with loss = sum(L * w) for the linear aggregations (valid: [B, T] completion tokens).
 
     token_mean (and holder p = 1): 1 / n_total;  seq_mean_token_mean: 1 / (B * max(n_i, 1)), so a fully
     masked row still counts in B, as TRL computes it;  seq_mean_token_sum: 1 / B;
     constant (Dr.GRPO): 1 / (B * L_max), L_max = config.max_length or the padded T.
+    ``normalizer`` (a number or a 0-dim tensor) replaces n_total, resp. B: the count over everything the
+    caller sums (micro-batches, ranks), so that the partial losses add up to the whole batch's.
     """
     rows, length = valid.shape
     m = valid.to(dtype)
+    count = normalizer
     if config.aggregation in ("token_mean", "holder"):
-        denominator = m.sum().clamp_min(1.0)
+        denominator = count if count is not None else m.sum().clamp_min(1.0)
     elif config.aggregation == "seq_mean_token_mean":
-        denominator = m.sum(-1, keepdim=True).clamp_min(1.0) * rows
+        denominator = m.sum(-1, keepdim=True).clamp_min(1.0) * (count if count is not None else rows)
     elif config.aggregation == "seq_mean_token_sum":
-        denominator = float(rows)
+        denominator = count if count is not None else float(rows)
     else:
-        denominator = float(rows * (config.max_length or length))
+        denominator = (count if count is not None else rows) * (config.max_length or length)
     return m / denominator
 
 
-def aggregate(token_loss: Tensor, valid: Tensor, config: ERPOConfig) -> Tensor:
+def aggregate(token_loss: Tensor, valid: Tensor, config: ERPOConfig, normalizer=None) -> Tensor:
     """The scalar loss from per-token L [B, T] over the ``valid`` tokens.
 
-    Linear aggregations: ``sum(L * aggregation_weights)``.  holder with p != 1 (HoelderPO): the signed power
-    mean ``sign(S) * max(|S|, eps) ** (1 / p)`` of ``S = mean over valid tokens of sign(L) |L| ** p``.
+    Linear aggregations: ``sum(L * aggregation_weights)`` (``normalizer`` as there).  holder with p != 1
+    (HoelderPO): the signed power mean ``sign(S) * max(|S|, eps) ** (1 / p)`` of
+    ``S = mean over valid tokens of sign(L) |L| ** p``.
     """
     if is_linear(config):
-        return (token_loss * aggregation_weights(valid, config, token_loss.dtype)).sum()
+        return (token_loss * aggregation_weights(valid, config, token_loss.dtype, normalizer)).sum()
     p = config.holder_p
     m = valid.to(token_loss.dtype)
     signed_power = torch.sign(token_loss) * token_loss.abs().clamp_min(1e-30).pow(p)

@@ -159,4 +159,5 @@ ADVANTAGE_CONFIGS = {
     "topk_batch": small_config(gate="topk", gate_scope="batch"),
     "ep_grpo_cap": small_config(mode="ep_grpo", progress_cap_kappa=1.5, num_buckets=5),
     "global_scope_one_process": small_config(gate_scope="global"),
+    "grpo_trl_std": small_config(mode="grpo", reward_std="unbiased", reward_std_eps=1e-4),
 }

@@ -37,6 +37,16 @@ def test_outcome_advantage_hand_computed():
     assert no_std.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
 
 
+def test_unbiased_reward_std_as_trl_and_verl():
+    """TRL: (r - mean) / (std_unbiased + 1e-4); verl: the same with 1e-6 (Bessel's correction both)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    std = math.sqrt(0.75 * 0.25 * 4 / 3)
+    config = ERPOConfig(mode="grpo", reward_std="unbiased", reward_std_eps=1e-4)
+    got = reference.outcome_advantage(rewards, torch.zeros(4, dtype=torch.long), config)
+    assert got.tolist() == pytest.approx([0.75 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 3)
+    assert_close(got, twins.outcome_advantage(rewards, 4, unbiased=True, eps=1e-4), rtol=1e-12, name="A_seq")
+
+
 def test_sigmoid_and_topk_gate_hand_computed():
     entropy = torch.tensor([[1.0, 2.0, 3.0, 9.0]], dtype=torch.float64)
     mask = torch.tensor([[True, True, True, False]])                 # the 9.0 is padding

@@ -103,12 +103,13 @@ def aggregate(L, m, aggregation, max_length=None, holder_p=1.0):
 
 
 # --- advantages ---------------------------------------------------------------------------------------------
-def outcome_advantage(rewards, group_size, std_normalize=True):
-    """A_seq per row, groups of ``group_size`` consecutive rows; 0 in a zero-variance group."""
+def outcome_advantage(rewards, group_size, std_normalize=True, unbiased=False, eps=EPS):
+    """A_seq per row, groups of ``group_size`` consecutive rows; 0 in a zero-variance group.  ``unbiased``:
+    Bessel's correction, as TRL ((r - mean) / (std + 1e-4)) and verl ((r - mean) / (std + 1e-6)) write it."""
     r = rewards.double().view(-1, group_size)
     centered = r - r.mean(dim=1, keepdim=True)
     if std_normalize:
-        centered = centered / (r.std(dim=1, unbiased=False, keepdim=True) + EPS)
+        centered = centered / (r.std(dim=1, unbiased=unbiased, keepdim=True) + eps)
     same = (r == r[:, :1]).all(dim=1, keepdim=True)
     return torch.where(same, torch.zeros_like(centered), centered).reshape(-1)
 

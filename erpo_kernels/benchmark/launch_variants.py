@@ -169,7 +169,7 @@ def advantages(spec: DeviceSpec, dev: str, name: str) -> List[Variant]:
     args = dict(rewards_ptr=F32, row_order_ptr=I64, cell_start_ptr=I64, seq_adv_ptr=F32, direction_ptr=F32,
                 zero_var_ptr=torch.bool, eps=1e-6, reward_threshold=0.5)
     out.append(Variant("buckets_rewards", mod + "_buckets_rewards_kernel", "std-normalized", dev, "fp32", args,
-                       dict(STD_NORMALIZE=True, EP_GRPO=False, BLOCK_B=buckets.BLOCK_ROWS, **acc)))
+                       dict(STD_NORMALIZE=True, UNBIASED=False, EP_GRPO=False, BLOCK_B=buckets.BLOCK_ROWS, **acc)))
     for what, has_y, num_sub in (("gate statistics (entropy)", False, 1),
                                  ("progress statistics per (group, bucket)", True, 10)):
         sub_pad = tile_config.next_pow2(num_sub)

@@ -120,7 +120,7 @@ def buckets_index(mask: Tensor, entropy: Tensor, config: ERPOConfig) -> Tensor:
 def _buckets_rewards_kernel(rewards_ptr, row_order_ptr, cell_start_ptr,
                             seq_adv_ptr, direction_ptr, zero_var_ptr,
                             eps, reward_threshold,
-                            STD_NORMALIZE: tl.constexpr, EP_GRPO: tl.constexpr,
+                            STD_NORMALIZE: tl.constexpr, UNBIASED: tl.constexpr, EP_GRPO: tl.constexpr,
                             BLOCK_B: tl.constexpr, ACC: tl.constexpr):
     cell = tl.program_id(0)
     start = tl.load(cell_start_ptr + cell)
@@ -145,7 +145,10 @@ def _buckets_rewards_kernel(rewards_ptr, row_order_ptr, cell_start_ptr,
         r = tl.load(rewards_ptr + row, mask=valid, other=0.0).to(ACC)
         deviation = tl.where(valid, r - mean, 0.0)
         squares += deviation * deviation
-    std = tl.sqrt(tl.sum(squares, 0) / count)
+    if UNBIASED:   # Bessel's correction (TRL, verl); a one-row group has zero variance anyway
+        std = tl.sqrt(tl.sum(squares, 0) / tl.maximum(count - 1.0, 1.0))
+    else:
+        std = tl.sqrt(tl.sum(squares, 0) / count)
     zero_var = tl.max(high, 0) == tl.min(low, 0)
     for base in range(start, end, BLOCK_B):
         valid = base + offs < end
@@ -172,8 +175,9 @@ def buckets_rewards(rewards: Tensor, row_order: Tensor, cell_start: Tensor, conf
     direction = torch.empty_like(seq_adv)
     zero_var = torch.empty(B, dtype=torch.bool, device=rewards.device)
     _buckets_rewards_kernel[(G,)](rewards, row_order, cell_start, seq_adv, direction, zero_var,
-                                  config.eps, config.reward_threshold,
-                                  STD_NORMALIZE=config.std_normalize, EP_GRPO=config.polarity == "ep_grpo",
+                                  config.reward_eps, config.reward_threshold,
+                                  STD_NORMALIZE=config.std_normalize, UNBIASED=config.reward_std == "unbiased",
+                                  EP_GRPO=config.polarity == "ep_grpo",
                                   BLOCK_B=INTERPRETER_BLOCK if interpreter_enabled() else BLOCK_ROWS,
                                   ACC=_acc_dtype(dtype))
     return seq_adv, direction, zero_var
