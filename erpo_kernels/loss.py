@@ -80,7 +80,7 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
               old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
               old_entropy: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
               gates: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-              config: Optional[ERPOConfig] = None, backend: str = "auto") -> ERPOOutput:
+              config: Optional[ERPOConfig] = None, backend: str = "auto", vocab_group=None) -> ERPOOutput:
     """The ERPO (or GRPO / DAPO / Dr.GRPO / EP-GRPO, by ``config.mode``) loss from hidden states.
 
     Padded: hidden [B, T, H] (or [B*T, H]); targets, mask and the per-token inputs [B, T]; rewards [B].
@@ -99,6 +99,11 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
     Without ``old_entropy`` (and without ``advantages``) the current policy's entropy (detached) stands in
     for the old one: exact on the first update of an on-policy batch.
 
+    ``vocab_group`` (a torch.distributed process group): ``lm_head`` is this rank's contiguous block of
+    vocabulary rows (Megatron's split, rank order); the statistics are reduced across the group, grad_hidden
+    is all-reduced and the weight grad stays with its shard (:mod:`erpo_kernels.vocab_parallel`; the
+    stats-then-backward path, 4 GEMMs).
+
     Device reads: the value checks of the inputs, all in one read (none with
     ``ERPOConfig(check_values=False)``); none for the groups when ``group_size`` is given (``group_ids``
     cost one torch.unique) nor for packed lengths when ``max_seqlen`` is given; metrics stay on the device
@@ -109,7 +114,12 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
         v.fail("config", config, "an ERPOConfig")
     checks = v.ValueChecks(config.check_values)
     weight, bias = v.unpack_lm_head(lm_head, bias)
-    v.check_linear_inputs(hidden, weight, bias, targets, config.ignore_index, checks)
+    shard = None
+    if vocab_group is not None:
+        from erpo_kernels.vocab_parallel import resolve_vocab_shard
+        shard = resolve_vocab_shard(weight, vocab_group)
+    v.check_linear_inputs(hidden, weight, bias, targets, config.ignore_index, checks,
+                          vocab=None if shard is None else shard.total)
     layout = resolve_layout(hidden, targets, cu_seqlens, max_seqlen, checks)
     shape, device = layout.token_shape, hidden.device
     mask = v.check_mask(mask, shape, device, checks)
@@ -137,8 +147,11 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
     flat_targets = targets.reshape(-1).long()
     wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     coefficients_known = old_entropy is not None or advantages is not None
-    if wants_grad and config.fused_train and fused_path_applies(config, coefficients_known, old_lp, ref_lp,
-                                                                 options.backend, advantages is not None):
+    if shard is not None:
+        from erpo_kernels.vocab_parallel import check_backend
+        check_backend(options.backend)
+    if wants_grad and shard is None and config.fused_train and fused_path_applies(
+            config, coefficients_known, old_lp, ref_lp, options.backend, advantages is not None):
         # advantages first (they need only old statistics), then one sweep: loss and grads
         stats_entropy = on_grid(old_entropy)
         adv = _advantages(advantages, rewards, valid_grid, groups, stats_entropy, old_lp, ref_lp, config,
@@ -155,7 +168,12 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
     else:
         if not flat_hidden.is_contiguous():
             flat_hidden = flat_hidden.contiguous()
-        flat_lp, flat_entropy, _ = LinearTokenStats.apply(flat_hidden, weight, bias, flat_targets, options)
+        if shard is None:
+            flat_lp, flat_entropy, _ = LinearTokenStats.apply(flat_hidden, weight, bias, flat_targets, options)
+        else:
+            from erpo_kernels.vocab_parallel import VocabParallelTokenStats
+            flat_lp, flat_entropy, _ = VocabParallelTokenStats.apply(flat_hidden, weight, bias, flat_targets,
+                                                                     options, shard)
         logprobs, entropy = layout.to_grid(flat_lp), layout.to_grid(flat_entropy)
         stats_entropy = on_grid(old_entropy) if old_entropy is not None else entropy.detach()
         stats_logprobs = old_lp if old_lp is not None else logprobs.detach()

@@ -74,7 +74,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
 
 def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1.0, *,
                 bias: Optional[Tensor] = None, ignore_index: int = -100, backend: str = "auto",
-                chunk_size: Optional[int] = None, check_values: bool = True) -> TokenStats:
+                chunk_size: Optional[int] = None, check_values: bool = True, vocab_group=None) -> TokenStats:
     """Per-token log-prob of ``targets``, entropy and logsumexp of softmax((hidden @ W.T + b) / temperature).
 
     hidden [B, T, H] or [N, H]; lm_head an nn.Linear or its weight [V, H]; targets [B, T] / [N] ids
@@ -82,6 +82,8 @@ def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1
     Differentiable in both logprobs and entropy; under ``torch.no_grad()`` it is the cheap
     old-policy / reference pass.  ``check_values=False`` skips the value checks (finite hidden states,
     targets in the vocabulary): then the call reads nothing back from the device.
+    ``vocab_group`` (a torch.distributed process group): ``lm_head`` is this rank's block of vocabulary rows
+    (rank order, contiguous; :mod:`erpo_kernels.vocab_parallel`) and the outputs are the whole vocabulary's.
     """
     weight, bias = unpack_lm_head(lm_head, bias)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -89,7 +91,16 @@ def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: got {chunk_size!r}, expected an int >= 1")
     checks = ValueChecks(check_values)
-    check_linear_inputs(hidden, weight, bias, targets, ignore_index, checks)
+    shard = None
+    if vocab_group is not None:
+        from erpo_kernels.vocab_parallel import resolve_vocab_shard
+        shard = resolve_vocab_shard(weight, vocab_group)
+    check_linear_inputs(hidden, weight, bias, targets, ignore_index, checks,
+                        vocab=None if shard is None else shard.total)
     checks.run()
     options = StatsOptions(get_backend(backend, hidden.device), float(temperature), ignore_index, chunk_size)
+    if shard is not None:
+        from erpo_kernels.vocab_parallel import check_backend, vocab_parallel_token_stats
+        check_backend(options.backend)
+        return TokenStats(*vocab_parallel_token_stats(hidden, weight, bias, targets, options, shard))
     return linear_token_stats(hidden, weight, bias, targets, options)

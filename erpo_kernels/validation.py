@@ -88,9 +88,11 @@ def _nonfinite(x: Tensor, where: Optional[Tensor] = None) -> Tensor:
 
 
 def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                        ignore_index: int, checks: ValueChecks, weight_name: str = "lm_head") -> None:
+                        ignore_index: int, checks: ValueChecks, weight_name: str = "lm_head",
+                        vocab: Optional[int] = None) -> None:
     """hidden [..., H] float, finite; weight [V, H]; bias [V]; targets [...] int in [0, V) or ignore_index.
-    ``weight_name`` is what the caller called the weight argument."""
+    ``weight_name`` is what the caller called the weight argument; ``vocab`` the whole vocabulary when the
+    weight is one vocab shard of it (default: the weight's rows)."""
     check_float("hidden", hidden)
     if hidden.dim() not in (2, 3):
         fail("hidden", hidden, "[B, T, H] or [N, H]")
@@ -112,7 +114,7 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     if not checks.enabled:
         return
     checks.add("hidden", hidden, _nonfinite(hidden), lambda n, _: f"finite values ({n:.0f} NaN/inf entries)")
-    vocab = weight.shape[0]
+    vocab = weight.shape[0] if vocab is None else vocab
     flat = targets.reshape(-1)
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
     # the first offending id, by gather (indexing with a 0-dim tensor would read it back to the host)

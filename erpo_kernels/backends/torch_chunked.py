@@ -106,7 +106,9 @@ def _chunk_dz_(z: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, grad_lo
     """Turn one chunk's logits z [n, V] into dz = d(loss)/d(h W^T + b), in z's own buffer.
 
     ``dz = (g_lp * (onehot(y) - p) - g_H * p * (z - lse + H)) / temperature``, p = exp(z - lse).
-    z and lse may share any per-row shift (only z - lse enters).
+    z and lse may share any per-row shift (only z - lse enters).  A target outside [0, V) that is not
+    ignore_index has no one-hot column here but keeps its ``-g_lp * p`` term: a vocab shard that does not
+    hold the token (:mod:`erpo_kernels.vocab_parallel`), as the Triton kernels treat it.
     """
     probs = torch.sub(z, lse[:, None], out=scratch).exp_()
     if grad_entropy is not None:
@@ -118,7 +120,8 @@ def _chunk_dz_(z: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, grad_lo
         valid = targets != ignore_index
         g_lp = torch.where(valid, grad_logprobs.to(dz.dtype), 0.0)
         dz.sub_(probs.mul_(g_lp[:, None]))
-        dz.scatter_add_(1, torch.where(valid, targets, 0)[:, None], g_lp[:, None])
+        here = valid & (targets >= 0) & (targets < z.shape[1])
+        dz.scatter_add_(1, torch.where(here, targets, 0)[:, None], torch.where(here, g_lp, 0.0)[:, None])
     if temperature != 1.0:
         dz.div_(temperature)
     return dz
