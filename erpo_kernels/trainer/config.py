@@ -46,7 +46,7 @@ class TrainConfig:
     algo: str = "erpo"                  # "erpo" | "ep_grpo" | "grpo" | "dapo" | "dr_grpo"
     steps: int = 300                    # rollout batches
     updates_per_batch: int = 2          # optimizer steps on each batch (PPO-style reuse)
-    micro_batch: int = 64               # rows per forward/backward (a multiple of group_size)
+    micro_batch: int = 64               # rows per forward/backward (any size: advantages come from the whole batch)
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -67,9 +67,8 @@ class TrainConfig:
             raise ValueError(f"algo: got {self.algo!r}, expected one of {ALGOS}")
         if self.rollout not in ("hf", "vllm"):
             raise ValueError(f"rollout: got {self.rollout!r}, expected 'hf' or 'vllm'")
-        if self.micro_batch % self.group_size:
-            raise ValueError(f"micro_batch ({self.micro_batch}) must be a multiple of group_size "
-                             f"({self.group_size}): a group's advantages need all its rows")
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: got {self.micro_batch!r}, expected an int >= 1")
         for name in ("steps", "group_size", "prompts_per_step", "updates_per_batch", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, expected >= 1")

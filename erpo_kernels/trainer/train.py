@@ -21,7 +21,7 @@ import sys
 import time
 import torch
 
-from erpo_kernels import ERPOConfig, erpo_loss, token_stats
+from erpo_kernels import ERPOConfig, erpo_advantages, erpo_loss, token_stats
 from erpo_kernels.trainer.checkpoint import (MetricsLog, has_checkpoint, load_trainer_state, save_checkpoint,
                                              seed_everything, set_rng_state)
 from erpo_kernels.trainer.config import TrainConfig
@@ -32,9 +32,6 @@ from erpo_kernels.trainer.tasks import TaskSource, is_correct, is_well_formed, r
 from erpo_kernels.trainer.warmup import warmup
 
 
-COUNT_METRICS = ("zero_var_groups", "num_groups", "num_tokens")
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,8 +39,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def loss_config(cfg: TrainConfig) -> ERPOConfig:
+    """The loss's config; Dr.GRPO's constant divisor is the generation length (as in its paper), the same for
+    every micro-batch."""
     return ERPOConfig(mode=cfg.algo, temperature=cfg.temperature, kl_beta=cfg.kl_beta,
-                      entropy_coef=cfg.entropy_coef, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+                      entropy_coef=cfg.entropy_coef, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                      max_length=cfg.max_new_tokens)
 
 
 @torch.no_grad()
@@ -64,33 +64,50 @@ def guarded_step(model, optimizer, loss_is_finite: bool, grad_clip: float) -> tu
 
 
 def update(model, optimizer, rollout: Rollout, rewards, old, ref, cfg: TrainConfig, config: ERPOConfig) -> dict:
-    """One optimizer step on the whole batch: ``erpo_loss`` per micro-batch of whole groups,
-    gradients accumulated with each micro-batch weighted by its share of the batch's loss
-    (tokens for token_mean, rows otherwise), so the sum equals the full-batch loss."""
+    """One optimizer step on the whole batch, the way a trainer calls the library: token advantages computed
+    once on the whole batch (``erpo_advantages``), then ``erpo_loss`` per micro-batch with those advantages and
+    the aggregation's global denominator (``normalizer``), so the micro-batch losses and gradients add up to
+    the full batch's whatever rows a micro-batch holds (groups may be split)."""
     _, lm_head = backbone_and_head(model)
     mask = rollout.completion_mask
-    total_tokens, total_rows = float(mask.sum()), mask.shape[0]
+    total_rows = mask.shape[0]
+    total_tokens = float(mask.sum())
+    adv = erpo_advantages(rewards, mask, old.entropy, old.logprobs, None if ref is None else ref.logprobs,
+                          group_size=cfg.group_size, config=config)
+    normalizer = total_tokens if config.aggregation in ("token_mean", "holder") else float(total_rows)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, metrics, finite = 0.0, {}, True
+    loss_sum, metrics, finite = 0.0, advantage_metrics(adv, mask, cfg.group_size), True
     for start in range(0, total_rows, cfg.micro_batch):
         rows = slice(start, start + cfg.micro_batch)
         micro = rollout.select(rows)
-        if float(micro.completion_mask.sum()) == 0:
+        tokens = float(micro.completion_mask.sum())
+        if tokens == 0:
             continue
-        out = erpo_loss(policy_hidden(model, micro), lm_head, micro.targets, micro.completion_mask, rewards[rows],
-                        group_size=cfg.group_size, old_logprobs=old.logprobs[rows], old_entropy=old.entropy[rows],
-                        ref_logprobs=None if ref is None else ref.logprobs[rows], config=config, backend=cfg.backend)
-        share = (float(micro.completion_mask.sum()) / total_tokens if config.aggregation == "token_mean"
-                 else micro.completion_mask.shape[0] / total_rows)
+        out = erpo_loss(policy_hidden(model, micro), lm_head, micro.targets, micro.completion_mask,
+                        advantages=adv.advantages[rows], normalizer=normalizer, old_logprobs=old.logprobs[rows],
+                        old_entropy=old.entropy[rows], ref_logprobs=None if ref is None else ref.logprobs[rows],
+                        config=config, backend=cfg.backend)
         finite = finite and bool(torch.isfinite(out.loss))
         if finite:
-            (out.loss * share).backward()
-        loss_sum += out.loss.item() * share
-        for key, value in out.metrics.items():  # counts add up; means are weighted like the loss
-            metrics[key] = metrics.get(key, 0.0) + (value if key in COUNT_METRICS else value * share)
+            out.loss.backward()
+        loss_sum += out.loss.item()
+        for key, value in out.metrics.items():  # token means, weighted by the micro-batch's share of tokens
+            if key not in ("loss", "num_tokens"):
+                metrics[key] = metrics.get(key, 0.0) + value * tokens / total_tokens
     stepped, grad_norm = guarded_step(model, optimizer, finite, cfg.grad_clip)
-    metrics.update(loss=loss_sum, grad_norm=grad_norm, skipped=0.0 if stepped else 1.0)
+    metrics.update(loss=loss_sum, num_tokens=total_tokens, grad_norm=grad_norm, skipped=0.0 if stepped else 1.0)
     return metrics
+
+
+def advantage_metrics(adv, mask, group_size: int) -> dict:
+    """Metrics of the advantage synthesis on the whole batch: gate, progress signal, zero-variance groups."""
+    m = mask.to(adv.gate.dtype)
+    n = m.sum().clamp_min(1)
+    mean = lambda x: float((x * m).sum() / n)  # noqa: E731
+    per_group = adv.zero_var.view(-1, group_size)[:, 0]
+    return {"gate_mean": mean(adv.gate), "gate_frac_above_half": mean((adv.gate > 0.5).float()),
+            "progress_signal_abs_mean": mean(adv.signal.abs()), "zero_var_groups": float(per_group.sum()),
+            "num_groups": float(per_group.numel())}
 
 
 def train(cfg: TrainConfig) -> dict:

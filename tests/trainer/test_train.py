@@ -85,6 +85,25 @@ def test_one_rl_step_changes_weights_and_lowers_loss(algo):
     assert batch_loss() < loss_before - 1e-4
 
 
+def test_micro_batches_that_split_groups_give_the_same_update():
+    """update() computes the advantages on the whole batch and passes a global normalizer, so a micro-batch of
+    3 rows (groups of 4 split across micro-batches) gives the gradient of one 16-row micro-batch."""
+    grads = []
+    for micro_batch in (16, 3):
+        torch.manual_seed(0)
+        model, tokenizer = build_preset("tiny", seed=0)
+        cfg = TrainConfig(group_size=4, micro_batch=micro_batch, lr=0.0, grad_clip=0.0)
+        rollout, rewards = fixed_batch(tokenizer)
+        old = sequence_stats(model, rollout, cfg.temperature)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        metrics = update(model, optimizer, rollout, rewards, old, None, cfg, loss_config(cfg))
+        grads.append((metrics["loss"], [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
+    for a, b in zip(grad_a, grad_b):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_nan_gradient_is_skipped_and_reported():
     torch.manual_seed(0)
     model, tokenizer = build_preset("tiny", seed=0)
