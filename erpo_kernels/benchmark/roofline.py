@@ -9,8 +9,9 @@ x eff)) + fixed``; a pass is its phases summed (they are kernels that run one af
   unit (16 ex2 per clock per SM on Ampere and Hopper: CUDA C Programming Guide, arithmetic instruction
   throughput) and its issue slots (4 warp instructions per clock per SM).  In a Triton kernel it runs on the
   same warps between two K-loops, one program per SM: it adds to the MMA time (``epilogue_overlap`` = 0).
-  At H=4096 one logit costs 2 clocks of tensor-core time at peak: ~26 instructions with 1 ex2 add ~7% at the
-  calibrated efficiency; at bf16 GEMM speeds the exponentials are not free.
+  At H=4096 one logit costs 2 clocks of tensor-core time at peak: the stats kernel's ~12 instructions with
+  1 ex2 (128x256 tiles on sm_90a) add ~3% at the calibrated efficiency; at bf16 GEMM speeds the
+  exponentials are not free.
 - tail: waves of programs, ceil(programs / resident) / (programs / resident).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class GPUSpec:
     clock_ghz: float                # boost, approximate
     smem_per_sm_kib: int
     registers_per_sm: int = 65536
+    capability: int = 90            # 90: Hopper (tile_config's "sm90" defaults), 80: Ampere ("sm80")
     exp_per_clk_per_sm: int = 16    # MUFU ex2 (CUDA C Programming Guide, arithmetic instruction throughput)
     issue_per_clk_per_sm: int = 128  # 4 schedulers x 1 warp instruction x 32 threads
 
@@ -53,7 +55,7 @@ GPUS: Dict[str, GPUSpec] = {
     "h200": GPUSpec("NVIDIA H200 SXM 141GB", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
                     4.8, 141, 50, _A100_L2_BYTES_PER_CLK_PER_SM * 132 * 1.83e-3, 132, 1.83, 228),
     "a100": GPUSpec("NVIDIA A100 SXM4 80GB", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
-                    2.039, 80, 40, 5120 * 1.41e-3, 108, 1.41, 164),
+                    2.039, 80, 40, 5120 * 1.41e-3, 108, 1.41, 164, capability=80),
 }
 
 
@@ -66,7 +68,7 @@ class Assumptions:
     l2_usable_fraction: float = 0.80    # of L2 capacity a working set keeps (streamed tiles, other data, hashing)
     vendor_operand_reads: float = 1.0   # cuBLAS-class GEMM: each operand read ~once from HBM
     epilogue_overlap: float = 0.0       # share of the Triton epilogue hidden under MMA (no ping-pong, 1 program/SM)
-    small_kernels_per_chunk: int = 30   # sweep: per-token coefficients, stats merge: small torch ops on [n]
+    small_kernels_per_chunk: int = 1    # sweep: the per-token coefficient kernel, one launch per chunk
     small_kernel_s: float = 4e-6        # GPU time of one tiny kernel
 
 
@@ -84,12 +86,13 @@ class Phase:
     instructions: float = 0.0   # epilogue thread-instructions (issue slots)
     tail: float = 1.0           # wave quantization: ceil(programs / resident) / (programs / resident)
     fixed_s: float = 0.0        # tiny kernels: a fixed cost each
+    mma_dtype: str = ""         # operand dtype of its GEMMs when not the pass's (fp16 grads: fp32 GEMMs)
     detail: Tuple[Tuple[str, float], ...] = ()   # named byte counts, for reading and tests
 
     def times(self, gpu: GPUSpec, dtype: str, a: Assumptions) -> Dict[str, float]:
         """Seconds of each roofline term: compute (MMA + serial epilogue, with the tail), hbm, l2."""
         clock = gpu.clock_ghz * 1e9 * gpu.sms
-        mma = self.flops / (gpu.peak_tflops[dtype] * 1e12 * a.mma_efficiency)
+        mma = self.flops / (gpu.peak_tflops[self.mma_dtype or dtype] * 1e12 * a.mma_efficiency)
         epilogue = max(self.exps / (gpu.exp_per_clk_per_sm * clock),
                        self.instructions / (gpu.issue_per_clk_per_sm * clock))
         if mma > 0:

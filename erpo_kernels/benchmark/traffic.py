@@ -1,50 +1,67 @@
 """Traffic model: FLOPs, HBM and L2 bytes, epilogue work and extra memory of each pass, from the shapes, tiles,
-splits and chunk size, turned into a roofline estimate for a named GPU by :mod:`roofline`.  Estimates, not
-measurements: a GPU run confirms or corrects them (bench/README.md, "Traffic model").
+splits, launch groups and chunk size, turned into a roofline estimate for a named GPU by :mod:`roofline`.
+Estimates, not measurements: a GPU run confirms or corrects them (bench/README.md, "Traffic model").
 
 Passes (hidden [N, H], weight [V, H], e bytes per element of the GEMM dtype; a GEMM is 2·N·H·V FLOPs):
-- ``stats_pass``: ``_linear_stats_fwd_kernel`` over a (token blocks x vocab splits) grid, then the merge.
+- ``stats_pass``: ``_linear_stats_fwd_kernel`` over token blocks x vocab splits, then the merge.
 - ``design_b_backward``: ``_linear_grad_fused_kernel``: per [BLOCK_N, BLOCK_V] tile, recompute z, form dz,
-  then dz @ W into fp32 grad_hidden rows and dz^T @ h as fp32 reductions into grad_weight.
+  then dz @ W as fp32 reductions into grad_hidden rows and dz^T @ h as fp32 reductions into grad_weight.
 - ``design_a_backward`` / ``training_sweep``: per token chunk, vendor GEMMs around Triton epilogues with an
   fp32 [chunk, V] logits buffer (the sweep also reads that buffer once for the stats).
 - ``training_with_stats``: the stats pass, then a backward design (no old entropy given: 4 GEMMs).
-Defaults (tiles, splits, chunk size) are read at call time from ``ops/tile_config.py`` and
-``torch_chunked.resolve_chunk_size``, so the estimates follow retuning.  No Triton import.
+Defaults are read at call time: tiles, splits and launch groups from ``tile_config.launch_plan`` for the
+stub DeviceSpec of the GPU (:func:`device_spec`), the chunk size from ``torch_chunked.cuda_chunk_rows``, the
+dz dtype from ``chunk_gemms.dz_dtype``; so the estimates follow retuning.  No Triton import.
 
-L2 residency of the Triton kernels: the programs resident at once (SMs x programs per SM, launch order with
-token blocks fastest) touch some token blocks (hidden rows, fp32 grad_hidden rows: re-used across the vocab
-loop, "long" re-use) and some vocab tiles (weight, fp32 grad_weight: shared at the same moment by the
-programs of one split, "short" re-use).  Short re-use hits L2 while its tiles fit; long re-use then hits in
-proportion to the capacity left (a cache keeping a random part of a cyclic working set; strict LRU would
-keep none).  Vendor GEMMs read each operand ``vendor_operand_reads`` times (good rasterization); their L2
-traffic is inside the calibration.  Not modeled: launch latency beyond a fixed cost per tiny kernel,
-atomic-unit throughput, the per-step address arithmetic of the fused grad kernel's H-loops (design (b) is
-optimistic), bias terms, clocks below boost.
+Launch order of the tiled kernels (``_grouped_program``): groups of ``group_size`` token blocks x all
+splits, token block fastest.  The model walks that order in waves of the resident programs (SMs x programs
+per SM, taken to start and end together: every program has the same work but the last split's) and counts
+per wave, for each operand re-read by the tile loop:
+- token side (hidden; design (b)'s fp32 grad_hidden rows): each token block of the wave comes from HBM
+  once, shared by its splits; its re-reads (one per vocab tile) hit L2 in the capacity that the short
+  re-use below leaves ("long" re-use: a cache keeping a random part of a cyclic working set).
+- vocab side (weight; fp32 grad_weight): each split of the wave comes from HBM once, shared by the wave's
+  programs that walk it in step (a group's token blocks: once per group when a group fits in a wave); their
+  reads hit while ``WEIGHT_TILES_LIVE`` tiles per split fit in L2 ("short" re-use).
+Programs per SM: ``tile_config._resident_programs``, the rule the split plan itself uses (256 registers
+per thread, shared memory of the pipelined operand tiles).  bench/OFFLINE.md's compiled defaults use 172-255
+registers, which give the same count: one program per SM with 8 warps, two with 4 warps.
+Vendor GEMMs read each operand ``vendor_operand_reads`` times (good rasterization); their L2 traffic is
+inside the calibration.  Not modeled: launch latency beyond a fixed cost per tiny kernel, atomic-unit
+throughput, the per-step address arithmetic of the fused grad kernel's H-loops (design (b) is optimistic),
+bias terms, clocks below boost.
 """
 from __future__ import annotations
 
-import inspect
-import math
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from erpo_kernels.benchmark.roofline import (ASSUMPTIONS, Assumptions, GPULike, GPUSpec, PassEstimate, Phase,
                                              get_gpu)
 
 GIB = 1 << 30
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# Triton 3.9, offline compile for sm_90a (stub GPUTarget, launch-time divisibility hints), bf16, 8 warps:
-# _linear_stats_fwd_kernel 64x128x64 uses 137 registers, 128x128 and 128x256 use 255 (with spills);
-# _linear_grad_fused_kernel 64x128x64 uses 233.  With 8 warps anything above 128 allows one program per SM,
-# so 255 predicts the occupancy of every config tried (4 warps: 2 per SM).
-REGISTERS_PER_THREAD = 255
-# Issued instructions per logit in the epilogue (same compile; static SASS count per tile / logits per thread):
-# ~26 in the stats kernel (1 ex2; the division by the temperature becomes 1 RCP per tile + FMULs), ~34 in the
-# fused grad kernel (1 ex2).  The elementwise dz epilogue of design (a) is taken as 34 too (it is HBM-bound).
-STATS_EPILOGUE_INSTRUCTIONS = 26
-DZ_EPILOGUE_INSTRUCTIONS = 34
-# Weight tiles per in-flight vocab position kept live in L2 (programs of one split drift apart a little).
+# Issued instructions per logit outside the GEMM loops, per kernel and device class: the static SASS of the
+# bf16 default config (nvdisasm of the offline compile, Triton 3.9, sm_90a / sm_80), instructions of the tile
+# loop outside its K-loop (the per-tile prologue and the epilogue: online softmax or dz, 1 ex2 per logit)
+# divided by the logits per thread of one tile (fp32 operands reuse these counts).  The fused grad kernel's
+# H-loops (~380 instructions per H-step on sm_90a, address arithmetic and fp32 reductions) are not counted:
+# see "Not modeled".
+EPILOGUE_INSTRUCTIONS = {
+    "linear_stats_fwd": {"sm90": 12, "sm80": 15},    # 128x256x64 w8: 1500 / 128; 128x128x32 w8: 981 / 64
+    "linear_grad_fused": {"sm90": 27, "sm80": 26},   # 128x128x64 w8: 1752 / 64; 128x128x32 w8: 1689 / 64
+    "logits_stats": {"sm90": 36, "sm80": 38},        # design (a) stats of the fp32 block, 8x1024 w8
+    "dz_epilogue": {"sm90": 33, "sm80": 32},         # design (a) dz, 32x256 w4
+}
+
+
+def epilogue_instructions(kernel: str, gpu: GPULike) -> int:
+    return EPILOGUE_INSTRUCTIONS[kernel][device_spec(gpu).arch]
+
+
+# Vocab tiles per split kept live in L2 while the programs walking that split drift apart (a guess: the tile
+# being read and the one before it).
 WEIGHT_TILES_LIVE = 2
 
 
@@ -52,6 +69,11 @@ def _io_bytes(tokens: int, hidden: int, vocab: int, e: int, grads: bool, per_tok
     """hidden [N, H] + weight [V, H] + targets [N] int64 + per-token fp32 vectors (+ the two grads)."""
     operands = (tokens + vocab) * hidden * e
     return operands * (2 if grads else 1) + tokens * (8 + 4 * per_token_fp32)
+
+
+def _torch_dtype(dtype: str):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
 def gemm_floor(tokens: int, hidden: int, vocab: int, gemms: int, dtype: str = "bf16", gpu: GPULike = "h100",
@@ -63,71 +85,125 @@ def gemm_floor(tokens: int, hidden: int, vocab: int, gemms: int, dtype: str = "b
 
 
 # ----------------------------------------------------------------------------------------------
-# the tiled Triton kernels: which programs run at once, what they share in L2
+# what the launchers run on a GPU that is not here, and which programs run together
 # ----------------------------------------------------------------------------------------------
+def device_spec(gpu: GPULike):
+    """The ``tile_config.DeviceSpec`` the launch heuristics would read on ``gpu``: ``tile_config.H100``
+    (capability >= 90) or ``tile_config.A100`` with the GPU's SMs, L2 and shared memory per block (the SM's
+    less the 1 KiB reserved): h100 and a100 give the stubs themselves, h200 the H100 stub with its own L2."""
+    from erpo_kernels.ops import tile_config   # torch-only module: no Triton import
+    gpu = get_gpu(gpu)
+    stub = tile_config.H100 if gpu.capability >= 90 else tile_config.A100
+    spec = dataclasses.replace(stub, sm_count=gpu.sms, l2_bytes=int(gpu.l2_bytes),
+                               smem_per_block=gpu.smem_per_sm_kib * 1024 - 1024)
+    return stub if spec == stub else dataclasses.replace(spec, name=gpu.name)
+
+
+def programs_per_sm(tiles, gpu: GPULike, e: int) -> int:
+    """Programs of ``tiles`` resident per SM: tile_config's estimate (registers, shared memory)."""
+    from erpo_kernels.ops import tile_config
+    return tile_config._resident_programs(tiles, e, device_spec(gpu)) // get_gpu(gpu).sms
+
+
 @dataclass(frozen=True)
-class Residency:
-    """Programs of a (token blocks x vocab splits) grid resident at once, in launch order."""
-    token_blocks: int
+class LaunchOrder:
+    """A token-major launch of a tiled kernel: tiles, vocab splits of ``split_len`` columns, launch groups of
+    ``group_size`` token blocks, and the programs resident at once."""
+    tiles: object            # tile_config.TileConfig
+    tokens: int
+    vocab: int
     splits: int
+    split_len: int
+    group_size: int
     resident: int            # SMs x programs per SM
-    blocks_in_flight: int    # distinct token blocks among the resident programs
-    splits_in_flight: int    # distinct vocab splits among them
+
+    @property
+    def token_blocks(self) -> int:
+        return -(-self.tokens // self.tiles.block_n)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.token_blocks // self.group_size)
 
     @property
     def tail(self) -> float:
         waves = self.token_blocks * self.splits / self.resident
-        return math.ceil(waves) / waves
+        return -(-self.token_blocks * self.splits // self.resident) / waves
+
+    def split_cols(self, split: int) -> int:
+        return min(self.split_len, self.vocab - split * self.split_len)
+
+    def split_tiles(self, split: int) -> int:
+        return -(-self.split_cols(split) // self.tiles.block_v)
 
     @property
-    def token_waves(self) -> int:
-        """How many times each weight panel is fetched: once per wave of token blocks."""
-        return math.ceil(self.token_blocks / self.blocks_in_flight)
+    def vocab_tiles(self) -> int:
+        """Vocab tiles summed over the splits (what one token block walks)."""
+        return sum(self.split_tiles(s) for s in range(self.splits))
+
+    def block_rows(self, first: int, count: int) -> int:
+        """Rows of token blocks first .. first + count - 1 (the last block of all may be short)."""
+        last = min(first + count, self.token_blocks)
+        return max(0, min(last * self.tiles.block_n, self.tokens) - first * self.tiles.block_n)
 
 
-def programs_per_sm(tiles, gpu: GPUSpec, e: int, registers_per_thread: int = REGISTERS_PER_THREAD) -> int:
-    """Occupancy from registers (allocated per warp in units of 8 per thread) and pipelined operand tiles."""
-    per_thread = -(-registers_per_thread // 8) * 8
-    by_registers = gpu.registers_per_sm // (per_thread * 32 * tiles.num_warps)
-    smem = (tiles.block_n + tiles.block_v) * tiles.block_h * e * max(tiles.num_stages, 1) + 1024
-    by_smem = gpu.smem_per_sm_kib * 1024 // smem
-    return max(1, min(by_registers, by_smem, 64 // tiles.num_warps))
-
-
-def _split_width(vocab: int, splits: int) -> int:
-    """Columns per split, as ``tile_config.split_size`` computes them on a GPU (``_SPLIT_ALIGN``-aligned)."""
-    from erpo_kernels.ops import tile_config   # torch-only module: no Triton import
-    align = tile_config._SPLIT_ALIGN
-    return -(-(-(-vocab // splits)) // align) * align
-
-
-def vocab_splits(token_blocks: int, vocab: int, gpu: GPUSpec) -> int:
-    """The split count ``tile_config.num_splits`` and the launcher give on ``gpu`` (>= 2 programs per SM,
-    at most ``max_splits``, no empty split): the same rule, evaluated for a GPU that is not here."""
+def launch_order(kernel: str, tokens: int, hidden: int, vocab: int, dtype: str = "bf16", gpu: GPULike = "h100",
+                 tiles=None, splits: Optional[int] = None, group_size: Optional[int] = None,
+                 programs: Optional[int] = None) -> LaunchOrder:
+    """What the launcher of ``kernel`` ("linear_stats_fwd", or "linear_grad_fused" token-major) runs on
+    ``gpu``: ``tile_config.launch_plan`` for :func:`device_spec` (fp32: "ieee" precision, torch's default).
+    ``tiles``: other tiles, planned by the same ``split_plan``; ``splits`` / ``group_size``: explicit, as the
+    launchers take them; ``programs``: programs per SM of the model's waves only (the plan keeps its own)."""
     from erpo_kernels.ops import tile_config
-    max_splits = inspect.signature(tile_config.num_splits).parameters["max_splits"].default
-    splits = max(1, min(-(-2 * gpu.sms // max(token_blocks, 1)), max_splits, -(-vocab // tile_config._SPLIT_ALIGN)))
-    return -(-vocab // _split_width(vocab, splits))
+    e, spec = ELEMENT_BYTES[dtype], device_spec(gpu)
+    if tiles is None:
+        tiles, plan = tile_config.launch_plan(kernel, _torch_dtype(dtype), "ieee", spec, tokens, vocab, hidden,
+                                              splits=splits, group_size=group_size)
+    else:   # launch_plan's outer block: the rows a program re-reads per vocab tile (+ fp32 grad rows)
+        block_bytes = tiles.block_n * hidden * (e + tile_config._RMW_ROW_BYTES[kernel])
+        plan = tile_config.split_plan(-(-tokens // tiles.block_n), vocab, block_bytes, tiles, e, spec, splits,
+                                      group_size)
+    resident = get_gpu(gpu).sms * (programs or programs_per_sm(tiles, gpu, e))
+    return LaunchOrder(tiles, tokens, vocab, plan.splits, plan.split_len, plan.group_size, resident)
 
 
-def _vocab_tiles(vocab: int, splits: int, block_v: int) -> int:
-    """Vocab tiles summed over the splits (every split is ``_split_width`` columns but the last)."""
-    width = _split_width(vocab, splits)
-    full, last = divmod(vocab, width)
-    return full * -(-width // block_v) + -(-last // block_v)
+@dataclass(frozen=True)
+class Wave:
+    """``resident`` consecutive programs of the launch order, and what they touch."""
+    programs: int
+    rows: int            # rows of the distinct token blocks
+    splits: int          # distinct vocab splits
+    cols: int            # their columns
+    row_tiles: int       # sum over programs of block rows x vocab tiles of its split (token-side reads, in rows)
+    program_cols: int    # sum over programs of the columns of its split (vocab-side reads, in columns)
 
 
-def residency(tokens: int, vocab: int, tiles, gpu: GPUSpec, e: int, splits: Optional[int] = None,
-              programs: Optional[int] = None, group_n: Optional[int] = None) -> Residency:
-    """Token blocks vary fastest in the launch order (grid axis 0); ``group_n`` models a grouped order
-    that keeps that many token blocks in flight and fills the rest of the GPU with other splits."""
-    token_blocks = -(-tokens // tiles.block_n)
-    # as the launchers do: aligned split widths, then as many splits as it takes to cover the vocab
-    splits = -(-vocab // _split_width(vocab, splits)) if splits else vocab_splits(token_blocks, vocab, gpu)
-    resident = gpu.sms * (programs or programs_per_sm(tiles, gpu, e))
-    group = resident if group_n is None else group_n
-    blocks = min(token_blocks, max(group, -(-resident // splits)))
-    return Residency(token_blocks, splits, resident, blocks, min(splits, -(-resident // blocks)))
+def waves(order: LaunchOrder) -> List[Wave]:
+    """The launch in waves of ``order.resident`` programs, in ``_grouped_program``'s order: program ``pid``
+    is in group ``pid // (group_size x splits)``; inside it, token block fastest, then split."""
+    per_group, total = order.group_size * order.splits, order.token_blocks * order.splits
+    out = []
+    for start in range(0, total, order.resident):
+        stop = min(start + order.resident, total)
+        blocks, splits = set(), set()
+        rows = row_tiles = program_cols = 0
+        for group in range(start // per_group, (stop - 1) // per_group + 1):
+            first, base = group * order.group_size, group * per_group
+            group_rows = min(order.token_blocks - first, order.group_size)
+            lo, hi = max(start, base) - base, min(stop, base + group_rows * order.splits) - base
+            for split in range(lo // group_rows, (hi - 1) // group_rows + 1):
+                b0 = max(lo, split * group_rows) - split * group_rows
+                b1 = min(hi, (split + 1) * group_rows) - split * group_rows
+                span = order.block_rows(first + b0, b1 - b0)
+                row_tiles += span * order.split_tiles(split)
+                program_cols += (b1 - b0) * order.split_cols(split)
+                splits.add(split)
+                new = [b for b in range(first + b0, first + b1) if b not in blocks]
+                blocks.update(new)
+                rows += sum(order.block_rows(b, 1) for b in new)
+        cols = sum(order.split_cols(s) for s in splits)
+        out.append(Wave(stop - start, rows, len(splits), cols, row_tiles, program_cols))
+    return out
 
 
 def _l2_hits(gpu: GPUSpec, a: Assumptions, short_bytes: float, long_bytes: float) -> Tuple[float, float]:
@@ -138,76 +214,71 @@ def _l2_hits(gpu: GPUSpec, a: Assumptions, short_bytes: float, long_bytes: float
     return short_hit, long_hit
 
 
-def _default_tiles(kernel: str, tiles):
-    """``tiles`` or tile_config's GPU default for ``kernel``, read now (it follows retuning)."""
-    if tiles is not None:
-        return tiles
-    from erpo_kernels.ops import tile_config   # torch-only module: no Triton import
-    return tile_config._GPU_DEFAULTS[kernel]
+def _wave_hbm(order: LaunchOrder, gpu: GPUSpec, a: Assumptions, hidden: int, token_bytes: int,
+              vocab_bytes: int, reads_per_tile: int) -> Tuple[float, float]:
+    """(token-side, vocab-side) HBM elements x H, summed over waves: per wave each token block and each split
+    once, the other reads (``reads_per_tile`` per tile) missed in proportion to the L2 hit fractions.
+    ``token_bytes`` / ``vocab_bytes``: bytes per element kept in L2 on each side (operand + fp32 grad)."""
+    token = vocab = 0.0
+    for w in waves(order):
+        live_vocab = w.splits * WEIGHT_TILES_LIVE * order.tiles.block_v * hidden * vocab_bytes
+        short_hit, long_hit = _l2_hits(gpu, a, live_vocab, w.rows * hidden * token_bytes)
+        token += w.rows + (reads_per_tile * w.row_tiles - w.rows) * (1 - long_hit)
+        vocab += w.cols + (reads_per_tile * w.program_cols - w.cols) * (1 - short_hit)
+    return token * hidden, vocab * hidden
 
 
 # ----------------------------------------------------------------------------------------------
 # the passes
 # ----------------------------------------------------------------------------------------------
 def stats_pass(tokens: int, hidden: int, vocab: int, dtype: str = "bf16", gpu: GPULike = "h100", *,
-               tiles=None, splits: Optional[int] = None, programs: Optional[int] = None,
-               group_n: Optional[int] = None, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
-    """``linear_stats_fwd``: the fused kernel over (token blocks x vocab splits), then the merge of the
-    fp32 partials [3, N, splits].  ``tiles``: a ``TileConfig`` (default: tile_config's, read at call time);
-    ``splits``: vocab splits (default: tile_config's rule for this GPU); ``programs``: per SM (default: from
-    registers and shared memory); ``group_n``: token blocks in flight under a grouped launch order."""
+               tiles=None, splits: Optional[int] = None, group_size: Optional[int] = None,
+               programs: Optional[int] = None, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
+    """``linear_stats_fwd``: the fused kernel over (token blocks x vocab splits) in launch groups, then the
+    merge of the fp32 partials [3, N, splits].  ``tiles`` (a ``TileConfig``), ``splits``, ``group_size``,
+    ``programs`` (per SM): as :func:`launch_order` (default: what the launcher picks on ``gpu``)."""
     gpu, e = get_gpu(gpu), ELEMENT_BYTES[dtype]
-    tiles = _default_tiles("linear_stats_fwd", tiles)
-    res = residency(tokens, vocab, tiles, gpu, e, splits, programs, group_n)
-    bn, bv = tiles.block_n, tiles.block_v
-    vocab_tiles = _vocab_tiles(vocab, res.splits, bv)
-    logits = res.token_blocks * bn * vocab_tiles * bv            # computed, ragged tiles padded
-    short_hit, long_hit = _l2_hits(gpu, assumptions, res.splits_in_flight * bv * hidden * e * WEIGHT_TILES_LIVE,
-                                   res.blocks_in_flight * bn * hidden * e)
-    # a program reads its hidden block once per vocab tile of its split: the first read from HBM
-    hidden_hbm = tokens * hidden * e * (res.splits + (vocab_tiles - res.splits) * (1 - long_hit))
-    # a weight panel is fetched once per wave of token blocks; the wave's other programs share it in L2
-    weight_hbm = vocab * hidden * e * (res.token_waves + (res.token_blocks - res.token_waves) * (1 - short_hit))
-    partials = 3 * tokens * res.splits * 4
-    operands_l2 = res.token_blocks * vocab_tiles * (bn + bv) * hidden * e
+    order = launch_order("linear_stats_fwd", tokens, hidden, vocab, dtype, gpu, tiles, splits, group_size, programs)
+    bn, bv = order.tiles.block_n, order.tiles.block_v
+    logits = order.token_blocks * bn * order.vocab_tiles * bv            # computed, ragged tiles padded
+    hidden_hbm, weight_hbm = (x * e for x in _wave_hbm(order, gpu, assumptions, hidden, e, e, 1))
+    partials = 3 * tokens * order.splits * 4
+    operands_l2 = order.token_blocks * order.vocab_tiles * (bn + bv) * hidden * e
+    target_rows = tokens * hidden * e       # split 0 gathers weight[y_n] for the target logit (hidden: in L2)
     kernel = Phase("stats kernel", flops=2.0 * logits * hidden,
-                   hbm_bytes=hidden_hbm + weight_hbm + partials + tokens * (8 + 4), l2_bytes=operands_l2,
-                   exps=logits, instructions=logits * STATS_EPILOGUE_INSTRUCTIONS, tail=res.tail,
-                   detail=(("hidden hbm", hidden_hbm), ("weight hbm", weight_hbm), ("operands l2", operands_l2)))
+                   hbm_bytes=hidden_hbm + weight_hbm + target_rows + partials + tokens * (8 + 4),
+                   l2_bytes=operands_l2, exps=logits,
+                   instructions=logits * epilogue_instructions("linear_stats_fwd", gpu), tail=order.tail,
+                   detail=(("hidden hbm", hidden_hbm), ("weight hbm", weight_hbm), ("target rows hbm", target_rows),
+                           ("operands l2", operands_l2)))
     merge = Phase("merge", hbm_bytes=partials + tokens * (4 + 8 + 3 * 4))
     return PassEstimate("stats", gpu, dtype, 1, 2.0 * tokens * hidden * vocab, (kernel, merge),
                         partials + tokens * 4, _io_bytes(tokens, hidden, vocab, e, False, 3), assumptions)
 
 
 def design_b_backward(tokens: int, hidden: int, vocab: int, dtype: str = "bf16", gpu: GPULike = "h100", *,
-                      tiles=None, splits: Optional[int] = None, programs: Optional[int] = None,
-                      group_n: Optional[int] = None, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
+                      tiles=None, splits: Optional[int] = None, group_size: Optional[int] = None,
+                      programs: Optional[int] = None, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
     """``linear_grad_fused``, token-major with fp32 reductions into grad_weight (the default): per
     [BLOCK_N, BLOCK_V] tile a K-loop for z, then loops over H for dz @ W (fp32 grad_hidden rows: load + store
     when one split owns them, a reduction otherwise) and dz^T @ h (fp32 reduction into grad_weight).
     Fp32 [N, H] and [V, H] accumulators are zeroed first and cast once at the end.  Arguments as ``stats_pass``."""
     gpu, e = get_gpu(gpu), ELEMENT_BYTES[dtype]
-    tiles = _default_tiles("linear_grad_fused", tiles)
-    res = residency(tokens, vocab, tiles, gpu, e, splits, programs, group_n)
-    bn, bv = tiles.block_n, tiles.block_v
-    vocab_tiles = _vocab_tiles(vocab, res.splits, bv)
-    steps = res.token_blocks * vocab_tiles                        # (token block, vocab tile) pairs
-    row_update = 8 if res.splits == 1 else 4                      # load + store, or a reduction (4 B sent)
+    order = launch_order("linear_grad_fused", tokens, hidden, vocab, dtype, gpu, tiles, splits, group_size, programs)
+    bn, bv = order.tiles.block_n, order.tiles.block_v
+    steps = order.token_blocks * order.vocab_tiles                 # (token block, vocab tile) pairs
+    row_update = 8 if order.splits == 1 else 4                     # load + store, or a reduction (4 B sent)
     grad_hidden_l2 = steps * bn * hidden * row_update
     grad_weight_l2 = steps * bv * hidden * 4
-    operands_l2 = steps * 2 * (bn + bv) * hidden * e              # the K-loop, then W and h again
-    short_hit, long_hit = _l2_hits(gpu, assumptions,
-                                   res.splits_in_flight * bv * hidden * (e + 4) * WEIGHT_TILES_LIVE,
-                                   res.blocks_in_flight * bn * hidden * (e + 4))
-    hidden_hbm = tokens * hidden * e * (res.splits + (2 * vocab_tiles - res.splits) * (1 - long_hit))
-    grad_hidden_hbm = tokens * hidden * 8 * (1 + (vocab_tiles - 1) * (1 - long_hit))
-    weight_hbm = vocab * hidden * e * (res.token_waves + (2 * res.token_blocks - res.token_waves) * (1 - short_hit))
-    grad_weight_hbm = vocab * hidden * 8 * (res.token_waves + (res.token_blocks - res.token_waves) * (1 - short_hit))
+    operands_l2 = steps * 2 * (bn + bv) * hidden * e               # the K-loop, then W and h again
+    # operands are read twice per tile, the fp32 grads once (fetched, then written back: 8 bytes)
+    hidden_hbm, weight_hbm = (x * e for x in _wave_hbm(order, gpu, assumptions, hidden, e + 4, e + 4, 2))
+    grad_hidden_hbm, grad_weight_hbm = (x * 8 for x in _wave_hbm(order, gpu, assumptions, hidden, e + 4, e + 4, 1))
     logits = steps * bn * bv
     kernel = Phase("fused grad kernel", flops=3 * 2.0 * logits * hidden,
                    hbm_bytes=hidden_hbm + grad_hidden_hbm + weight_hbm + grad_weight_hbm + tokens * 28,
                    l2_bytes=operands_l2 + grad_hidden_l2 + grad_weight_l2, exps=logits,
-                   instructions=logits * DZ_EPILOGUE_INSTRUCTIONS, tail=res.tail,
+                   instructions=logits * epilogue_instructions("linear_grad_fused", gpu), tail=order.tail,
                    detail=(("grad_hidden l2", grad_hidden_l2), ("grad_weight l2", grad_weight_l2),
                            ("operands l2", operands_l2), ("hidden hbm", hidden_hbm),
                            ("grad_hidden hbm", grad_hidden_hbm), ("weight hbm", weight_hbm),
@@ -224,44 +295,59 @@ def _chunked(name: str, with_stats: bool, tokens: int, hidden: int, vocab: int, 
              assumptions: Assumptions) -> PassEstimate:
     """Design (a) (``with_stats=False``) or the 3-GEMM sweep: per chunk of n tokens, totals over chunks."""
     from erpo_kernels.backends.torch_chunked import cuda_chunk_rows
+    from erpo_kernels.ops.chunk_gemms import dz_dtype
     gpu, e, a = get_gpu(gpu), ELEMENT_BYTES[dtype], assumptions
-    dz_extra = e if dtype == "bf16" else 0        # bf16 dz has its own buffer; fp32 dz overwrites the logits
+    torch_dtype = _torch_dtype(dtype)
+    dz_elem = dz_dtype(torch_dtype).itemsize
+    dz_extra = dz_elem if dz_elem < 4 else 0      # bf16 dz: its own buffer; fp32 dz: over the logits
+    fp32_grads = e < 4 and dz_elem == 4           # fp16: fp32 dz, so fp32 grad GEMMs on an fp32 weight copy
     io = _io_bytes(tokens, hidden, vocab, e, True, 8 if with_stats else 4)
     free = max(int(gpu.memory_gb * 1e9) - io, 0)  # the device holds the inputs and outputs, nothing else
     chunk = min(tokens, chunk_size or cuda_chunk_rows(vocab, free, dz_extra))
     chunks = -(-tokens // chunk)
     reads = a.vendor_operand_reads
     h_bytes, w_bytes, logits = tokens * hidden * e, vocab * hidden * e, tokens * vocab
+    grad_e = 4 if fp32_grads else e               # operand bytes of the grad GEMMs
     gemm = 2.0 * tokens * hidden * vocab
     # fp32 logits written once (beta=0); a zero-filled buffer is also written by the fill and read by the GEMM
     logits_out = logits * 4 * (3 if logits_zero_filled else 1)
     phases = [Phase("logits GEMM", flops=gemm, hbm_bytes=reads * (h_bytes + chunks * w_bytes) + logits_out)]
+    if fp32_grads:
+        phases.insert(0, Phase("upcast weight", hbm_bytes=vocab * hidden * (e + 4)))
     if with_stats:
-        phases += [Phase("logits stats", hbm_bytes=logits * 4 + tokens * (8 + 6 * 4), exps=logits,
-                         instructions=logits * STATS_EPILOGUE_INSTRUCTIONS),
+        phases += [Phase("logits stats", hbm_bytes=logits * 4 + tokens * (8 + 3 * 4), exps=logits,
+                         instructions=logits * epilogue_instructions("logits_stats", gpu)),
                    Phase("per-token coefficients", fixed_s=chunks * a.small_kernels_per_chunk * a.small_kernel_s)]
-    # dz into a second buffer in the GEMM dtype; else (code at c81f427) fp32 in place, then a cast copy
-    dz_bytes = logits * (4 + e) if dz_cast_in_epilogue else logits * (4 + 4 + 4 + e)
+    # the epilogue reads the fp32 logits and writes dz; the legacy flow (code at c81f427) wrote fp32 dz in
+    # place, then cast it into a bf16 copy
+    dz_bytes = logits * (4 + dz_elem) if dz_cast_in_epilogue else logits * (4 + 4 + 4 + e)
     accumulator = vocab * hidden * 4
+    # fp16: grad_hidden via an fp32 [n, H] result copied into fp16; h upcast per chunk for grad_weight
+    hidden_out = tokens * hidden * (4 + 4 + e) if fp32_grads else h_bytes
+    h_upcast = tokens * hidden * (e + 4) if fp32_grads else 0
+    mma = "fp32" if fp32_grads else ""
     phases += [
         Phase("dz epilogue", hbm_bytes=dz_bytes + tokens * 5 * 4, exps=logits,
-              instructions=logits * DZ_EPILOGUE_INSTRUCTIONS),
-        Phase("grad_hidden GEMM", flops=gemm, hbm_bytes=reads * (logits * e + chunks * w_bytes) + h_bytes),
-        Phase("grad_weight GEMM", flops=gemm,   # the fp32 [V, H] accumulator is read and written per chunk
-              hbm_bytes=reads * (logits * e + h_bytes) + chunks * accumulator * 2,
-              detail=(("accumulator hbm", chunks * accumulator * 2),)),
-        # the first chunk's GEMMs write grad_hidden and the accumulator (no zero-fill); one cast at the end
-        Phase("cast grad_weight", hbm_bytes=(accumulator + vocab * hidden * e) if e != 4 else 0)]
-    extra = chunk * vocab * (4 + dz_extra) + (accumulator if e != 4 else 0) + (3 * chunk * 4 if with_stats else 0)
+              instructions=logits * epilogue_instructions("dz_epilogue", gpu)),
+        Phase("grad_hidden GEMM", flops=gemm, mma_dtype=mma,
+              hbm_bytes=reads * (logits * dz_elem + chunks * vocab * hidden * grad_e) + hidden_out),
+        # the first chunk writes the fp32 [V, H] accumulator (beta=0), every later one reads and writes it
+        Phase("grad_weight GEMM", flops=gemm, mma_dtype=mma,
+              hbm_bytes=reads * (logits * dz_elem + tokens * hidden * grad_e) + h_upcast
+              + (2 * chunks - 1) * accumulator, detail=(("accumulator hbm", (2 * chunks - 1) * accumulator),))]
+    if e != 4:   # fp32 inputs: the accumulator is grad_weight itself
+        phases.append(Phase("cast grad_weight", hbm_bytes=accumulator + w_bytes))
+    extra = chunk * vocab * (4 + dz_extra) + (accumulator if e != 4 else 0) + (accumulator if fp32_grads else 0)
     return PassEstimate(name, gpu, dtype, 3, 3 * gemm, tuple(phases), extra, io, assumptions)
 
 
 def design_a_backward(tokens: int, hidden: int, vocab: int, dtype: str = "bf16", gpu: GPULike = "h100", *,
                       chunk_size: Optional[int] = None, dz_cast_in_epilogue: bool = True,
                       logits_zero_filled: bool = False, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
-    """``linear_grad_chunked``: per chunk the logits GEMM (fp32 out), the dz epilogue, the two grad GEMMs
-    (grad_weight into an fp32 [V, H] accumulator).  ``chunk_size``: tokens per chunk (default:
-    ``torch_chunked.cuda_chunk_rows`` with the GPU's memory less the inputs and outputs, read at call time)."""
+    """``linear_grad_chunked``: per chunk the logits GEMM (fp32 out), the dz epilogue (dz in bf16 for bf16
+    inputs, fp32 over the logits otherwise), the two grad GEMMs (grad_weight into an fp32 [V, H]
+    accumulator).  ``chunk_size``: tokens per chunk (default: ``torch_chunked.cuda_chunk_rows`` with the
+    GPU's memory less the inputs and outputs, read at call time)."""
     return _chunked("design-a-backward", False, tokens, hidden, vocab, dtype, gpu, chunk_size,
                     dz_cast_in_epilogue, logits_zero_filled, assumptions)
 
@@ -269,8 +355,8 @@ def design_a_backward(tokens: int, hidden: int, vocab: int, dtype: str = "bf16",
 def training_sweep(tokens: int, hidden: int, vocab: int, dtype: str = "bf16", gpu: GPULike = "h100", *,
                    chunk_size: Optional[int] = None, dz_cast_in_epilogue: bool = True,
                    logits_zero_filled: bool = False, assumptions: Assumptions = ASSUMPTIONS) -> PassEstimate:
-    """``linear_fused_train`` (old entropy given): design (a)'s flow plus one read of the fp32 logits buffer
-    for the stats and the per-token coefficients, per chunk; 3-GEMM floor."""
+    """``linear_fused_train`` (old entropy given): design (a)'s flow plus, per chunk, one read of the fp32
+    logits buffer for the stats and one per-token coefficient kernel; 3-GEMM floor."""
     return _chunked("sweep", True, tokens, hidden, vocab, dtype, gpu, chunk_size, dz_cast_in_epilogue,
                     logits_zero_filled, assumptions)
 
