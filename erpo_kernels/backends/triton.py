@@ -13,7 +13,8 @@ Designs (DESIGN.md, "Kernel design notes"):
   deterministic; or ``"fused"``, design (b), ``linear_grad_fused``: Triton tiles, no [chunk, V] buffer, fp32
   atomics (``ERPO_TRITON_DETERMINISTIC=1`` for the atomic-free variant).  (a) is the default because it runs
   at vendor-GEMM speed where (b) re-reads and re-writes fp32 grad tiles once per vocab tile (the traffic
-  model, bench/README.md, estimates 3x the 4-GEMM floor for (b)); (b) stays for memory-starved cases and
+  model, bench/README.md, estimates 5.9x the 4-GEMM floor for (b) with its default split plan, 3.1x with one
+  split, against 1.07x for (a) at N=32768 on an H100); (b) stays for memory-starved cases and
   until a GPU measurement says otherwise.
 - chunk size (None): :func:`erpo_kernels.backends.torch_chunked.resolve_chunk_size`, from V, the dz buffer's
   dtype and the free device memory.
