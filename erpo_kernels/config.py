@@ -82,7 +82,10 @@ class ERPOConfig:
     chunk_size: Optional[int] = None       # tokens per [chunk, V] logits block; None = 32 MiB (CPU) / 1 GiB (CUDA)
     fused_train: bool = True               # 3-matmul sweep (loss + grads at once) where it applies
     check_values: bool = True              # value checks of the inputs (one device read per call); False
-                                           # for production runs that trust their inputs: no read at all
+                                           # for production runs that trust their inputs
+    skip_dead_tokens: bool = True          # the GEMMs run only on tokens that carry gradient (completion
+                                           # tokens; with kl_beta = entropy_coef = 0 also A != 0); their
+                                           # count is read with the value checks (erpo_kernels.compaction)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -118,7 +121,7 @@ class ERPOConfig:
         choice("aggregation", AGGREGATIONS)
         choice("reward_std", REWARD_STDS)
         for name in ("std_normalize", "progress_term", "gate_normalize", "bucket_normalize", "fused_train",
-                     "check_values"):
+                     "check_values", "skip_dead_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ERPOConfig.{name}: got {getattr(self, name)!r}, expected a bool")
         for name in ("eps", "temperature", "holder_p"):

@@ -77,14 +77,19 @@ class SweepTerms:
         return torch.dot(self.recorded.loss, self.weights)
 
 
-def fused_path_applies(config: ERPOConfig, coefficients_known: bool, old_logprobs, ref_logprobs,
-                       backend_module, advantages_given: bool = False) -> bool:
-    """True when every token's coefficient is known up front (old entropy or the advantages themselves given;
-    the progress term, if any, needs no current log-probs) and the backend has a fused sweep."""
-    needs_current_lp = (not advantages_given and old_logprobs is None and config.progress_term
-                        and ref_logprobs is not None)
-    return (coefficients_known and not needs_current_lp and is_linear(config)
-            and hasattr(backend_module, "linear_fused_train"))
+def advantages_need_current_stats(config: ERPOConfig, old_entropy_given: bool, advantages_given: bool,
+                                  old_logprobs, ref_logprobs) -> bool:
+    """Whether the token advantages need the current policy's statistics: no advantages given and either no
+    old entropy (the gate uses the current one) or a progress term without old log-probs."""
+    if advantages_given:
+        return False
+    return not old_entropy_given or (old_logprobs is None and config.progress_term and ref_logprobs is not None)
+
+
+def fused_path_applies(config: ERPOConfig, coefficients_known: bool, backend_module) -> bool:
+    """True when every token's coefficient is known up front (``coefficients_known``: the advantages need no
+    current statistic) and the loss is a weighted token sum, and the backend has a fused sweep."""
+    return coefficients_known and is_linear(config) and hasattr(backend_module, "linear_fused_train")
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -94,11 +99,16 @@ class FusedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, terms: SweepTerms, options: StatsOptions):
+    def forward(ctx, hidden, weight, bias, targets, terms: SweepTerms, options: StatsOptions, compaction=None):
+        """``terms`` holds the live tokens' inputs when a :class:`erpo_kernels.compaction.Compaction` is given;
+        logprobs and entropy come back for the live tokens only ([n_live])."""
+        h, t = (hidden, targets) if compaction is None else (compaction.rows(hidden), compaction.rows(targets))
         loss, logprobs, entropy, _lse, grad_hidden, grad_weight, grad_bias = options.backend.linear_fused_train(
-            hidden, weight, bias, targets, terms, temperature=options.temperature,
+            h, weight, bias, t, terms, temperature=options.temperature,
             ignore_index=options.ignore_index, chunk_size=options.chunk_size,
             needs_input_grad=tuple(ctx.needs_input_grad[:3]))
+        if compaction is not None and grad_hidden is not None:
+            grad_hidden = compaction.scatter(grad_hidden)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(logprobs, entropy)
         return loss, logprobs, entropy
@@ -107,4 +117,4 @@ class FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None, None

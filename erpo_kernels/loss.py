@@ -24,7 +24,8 @@ from erpo_kernels import validation as v
 from erpo_kernels.advantages import Advantages, compute_advantages
 from erpo_kernels.backends import get_backend
 from erpo_kernels.config import ERPOConfig
-from erpo_kernels.fused import FusedLinearLoss, SweepTerms, fused_path_applies
+from erpo_kernels.compaction import Compaction
+from erpo_kernels.fused import FusedLinearLoss, SweepTerms, advantages_need_current_stats, fused_path_applies
 from erpo_kernels.metrics import Metrics, loss_metrics
 from erpo_kernels.packing import Layout, packed_layout
 from erpo_kernels.stats import StatsOptions, LinearTokenStats
@@ -136,55 +137,73 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
                          ref_logprobs=ref_logprobs, token_weights=token_weights, gates=gates)
     v.check_token_tensor("advantages", advantages, shape, device, valid, checks)
     check_normalizer(normalizer, config)
-    checks.run()
 
     options = StatsOptions(get_backend(backend, device), config.temperature, config.ignore_index,
                            config.chunk_size)
+    if shard is not None:
+        from erpo_kernels.vocab_parallel import check_backend
+        check_backend(options.backend)
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     on_grid = lambda x: None if x is None else layout.pad(x.detach().to(dtype))  # noqa: E731
     old_lp, ref_lp, valid_grid = on_grid(old_logprobs), on_grid(ref_logprobs), layout.pad(valid, False)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
+    extras = (on_grid(token_weights), on_grid(gates), options.backend, layout, dtype)
+
+    # advantages first when they need only old statistics (then the dead tokens are known before any GEMM)
+    adv, stats_entropy = None, on_grid(old_entropy)
+    adv_first = not advantages_need_current_stats(config, old_entropy is not None, advantages is not None,
+                                                  old_lp, ref_lp)
+    if adv_first:
+        adv = _advantages(advantages, rewards, valid_grid, groups, stats_entropy, old_lp, ref_lp, config, *extras)
+    live_grid = valid_grid
+    if adv is not None and config.kl_beta == 0 and config.entropy_coef == 0:
+        live_grid = valid_grid & (adv.advantages != 0)   # A = 0: the token's loss and gradients are exactly 0
+    compaction = None
+    if config.skip_dead_tokens and shard is None:        # one device read: the checks and the live count
+        compaction = Compaction(layout.flatten(live_grid), checks.run(live=live_grid.sum())["live"])
+    else:
+        checks.run()
+    widen = (lambda x, fill=0.0: x) if compaction is None else compaction.scatter  # noqa: E731
+
     wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    coefficients_known = old_entropy is not None or advantages is not None
-    if shard is not None:
-        from erpo_kernels.vocab_parallel import check_backend
-        check_backend(options.backend)
-    if wants_grad and shard is None and config.fused_train and fused_path_applies(
-            config, coefficients_known, old_lp, ref_lp, options.backend, advantages is not None):
-        # advantages first (they need only old statistics), then one sweep: loss and grads
-        stats_entropy = on_grid(old_entropy)
-        adv = _advantages(advantages, rewards, valid_grid, groups, stats_entropy, old_lp, ref_lp, config,
-                          on_grid(token_weights), on_grid(gates), options.backend, layout, dtype)
-        terms = SweepTerms(layout.flatten(adv.advantages),
-                           layout.flatten(surrogate.aggregation_weights(valid_grid, config, dtype, normalizer)),
-                           valid.reshape(-1), layout.flatten(old_lp), layout.flatten(ref_lp), config)
+    if wants_grad and shard is None and config.fused_train and fused_path_applies(config, adv_first,
+                                                                                   options.backend):
+        # one sweep: loss and grads (3 GEMMs, on the live tokens)
+        flat = (lambda g: layout.flatten(g)) if compaction is None else (  # noqa: E731
+            lambda g: None if g is None else compaction.rows(layout.flatten(g)))
+        terms = SweepTerms(flat(adv.advantages), flat(surrogate.aggregation_weights(valid_grid, config, dtype,
+                                                                                     normalizer)),
+                           flat(valid_grid), flat(old_lp), flat(ref_lp), config)
         loss, logprobs, entropy = FusedLinearLoss.apply(flat_hidden.contiguous(), weight, bias, flat_targets, terms,
-                                                        options)
-        logprobs, entropy = layout.to_grid(logprobs), layout.to_grid(entropy)
-        info = {name: layout.to_grid(getattr(terms.recorded, name), fill)
+                                                        options, compaction)
+        logprobs, entropy = layout.to_grid(widen(logprobs)), layout.to_grid(widen(entropy))
+        info = {name: layout.to_grid(widen(getattr(terms.recorded, name), fill), fill)
                 for name, fill in (("ratio", 1.0), ("clip_low", False), ("clip_high", False), ("dual_clip", False))}
-        ref_lp = surrogate.fill_off_mask(ref_lp, valid_grid, logprobs)
+        ref_lp = surrogate.fill_off_mask(ref_lp, live_grid, logprobs)
     else:
         if not flat_hidden.is_contiguous():
             flat_hidden = flat_hidden.contiguous()
         if shard is None:
-            flat_lp, flat_entropy, _ = LinearTokenStats.apply(flat_hidden, weight, bias, flat_targets, options)
+            flat_lp, flat_entropy, _ = LinearTokenStats.apply(flat_hidden, weight, bias, flat_targets, options,
+                                                              compaction)
         else:
             from erpo_kernels.vocab_parallel import VocabParallelTokenStats
             flat_lp, flat_entropy, _ = VocabParallelTokenStats.apply(flat_hidden, weight, bias, flat_targets,
                                                                      options, shard)
         logprobs, entropy = layout.to_grid(flat_lp), layout.to_grid(flat_entropy)
-        stats_entropy = on_grid(old_entropy) if old_entropy is not None else entropy.detach()
-        stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
-        adv = _advantages(advantages, rewards, valid_grid, groups, stats_entropy, stats_logprobs, ref_lp, config,
-                          on_grid(token_weights), on_grid(gates), options.backend, layout, dtype)
-        old_lp = surrogate.fill_off_mask(old_lp, valid_grid, logprobs)
-        ref_lp = surrogate.fill_off_mask(ref_lp, valid_grid, logprobs)
+        if adv is None:
+            stats_entropy = stats_entropy if stats_entropy is not None else entropy.detach()
+            stats_logprobs = old_lp if old_lp is not None else logprobs.detach()
+            adv = _advantages(advantages, rewards, valid_grid, groups, stats_entropy, stats_logprobs, ref_lp,
+                              config, *extras)
+        old_lp = surrogate.fill_off_mask(old_lp, live_grid, logprobs)
+        ref_lp = surrogate.fill_off_mask(ref_lp, live_grid, logprobs)
         per_token_loss = getattr(options.backend, "per_token_loss", surrogate.per_token_loss)
         token_loss, info = per_token_loss(logprobs, entropy, adv.advantages, old_lp, ref_lp, config)
         loss = surrogate.aggregate(token_loss, valid_grid, config, normalizer)
-    metrics = loss_metrics(loss, valid_grid, logprobs, entropy, stats_entropy, adv, info, ref_lp, groups)
+    metrics = loss_metrics(loss, valid_grid, live_grid, logprobs, entropy, stats_entropy, adv, info, ref_lp,
+                           groups)
     back = layout.unpad
     return ERPOOutput(loss, metrics, back(adv.advantages), back(logprobs.detach()), back(entropy.detach()))
 

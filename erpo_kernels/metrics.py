@@ -45,15 +45,18 @@ class Metrics(Mapping):
         return f"Metrics({self._values})"
 
 
-def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor, old_entropy: Tensor, adv,
-                 info: Dict[str, Tensor], ref_logprobs: Optional[Tensor], groups) -> Metrics:
+def loss_metrics(loss: Tensor, valid: Tensor, live: Tensor, logprobs: Tensor, entropy: Tensor,
+                 old_entropy: Optional[Tensor], adv, info: Dict[str, Tensor], ref_logprobs: Optional[Tensor],
+                 groups) -> Metrics:
     """Means over the completion tokens (``valid``) unless named otherwise; counts of tokens and groups.
 
     loss, num_tokens, entropy / old_entropy / logprob (current and old policy), ratio, clip fractions (low,
     high, both, dual), adv_mean, adv_abs_mean, kl (k3, when reference log-probs are given); when the
     advantages were synthesized here (not given by the caller): gate_mean and gate_frac_above_half,
     progress_signal_abs_mean, zero_var_groups / num_groups.
-    Every mean comes from one masked reduction over a stack of the per-token quantities (a few ops in all).
+    The current policy's quantities (entropy, logprob, ratio, clip fractions, kl) are means over the live
+    tokens (``live``: the tokens the GEMMs ran on, :mod:`erpo_kernels.compaction`), the others over every
+    completion token.  Every mean comes from one masked reduction over a stack of the per-token quantities.
     """
     dtype = entropy.dtype
     sources = {"entropy": entropy, "logprob": logprobs, "ratio": info["ratio"],
@@ -68,11 +71,13 @@ def loss_metrics(loss: Tensor, valid: Tensor, logprobs: Tensor, entropy: Tensor,
     if ref_logprobs is not None:
         delta = ref_logprobs - logprobs
         sources["kl"] = torch.exp(delta) - delta - 1.0
+    current = ("entropy", "logprob", "ratio", "clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "kl")
     with torch.no_grad():
         stacked = torch.stack([x.reshape(valid.shape).to(dtype) for x in sources.values()])
+        over = torch.stack([live if name in current else valid for name in sources])
         n = valid.sum()
         # where(), not a product: padding may hold inf (e.g. a ratio of garbage log-probs), and inf * 0 = NaN
-        means = torch.where(valid, stacked, 0.0).sum((1, 2)) / n.clamp_min(1)
+        means = torch.where(over, stacked, 0.0).sum((1, 2)) / over.sum((1, 2)).clamp_min(1)
         tensors = dict(zip(sources, means.unbind()))
         tensors.update(loss=loss.detach(), num_tokens=n)
         if groups is not None and adv.zero_var is not None:

@@ -90,4 +90,5 @@ def packed_layout(cu_seqlens, n_tokens: int, device: torch.device, max_seqlen: O
     if checks is not None and checks.enabled:
         checks.add("max_seqlen", torch.tensor(width), (position >= width).sum(),
                    lambda n, _: f"at least the longest sequence of cu_seqlens (got {width})")
-    return Layout((rows, width), seq * width + position.clamp_max(width - 1), n_tokens)
+    # clamped so that bad boundaries cannot index out of the grid before the checks above are read
+    return Layout((rows, width), seq * width + position.clamp(0, width - 1), n_tokens)

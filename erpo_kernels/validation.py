@@ -11,7 +11,7 @@ inputs: then a call reads nothing from the device.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,15 +46,20 @@ class ValueChecks:
         """Callers build ``bad`` only when ``self.enabled`` (the counts cost device work)."""
         self._items.append((name, x, bad, expected, bad if detail is None else detail))
 
-    def run(self) -> None:
-        """One device read for every check added; raise for the first that fails."""
-        if not self._items:
-            return
-        values = torch.stack([torch.stack([bad.double(), detail.double()]) for _, _, bad, _, detail in self._items])
-        for (name, x, _, expected, _), (count, detail) in zip(self._items, values.tolist()):
+    def run(self, **reads: Tensor) -> Dict[str, float]:
+        """One device read for every check added and every 0-dim tensor in ``reads`` (values the caller needs
+        on the host anyway, e.g. a count that sizes a buffer); raise for the first check that fails, else
+        return the ``reads`` as floats."""
+        items = [torch.stack([bad.double(), detail.double()]) for _, _, bad, _, detail in self._items]
+        items += [torch.stack([x.double().reshape(()), x.double().reshape(())]) for x in reads.values()]
+        if not items:
+            return {}
+        values = torch.stack(items).tolist()
+        for (name, x, _, expected, _), (count, detail) in zip(self._items, values):
             if count > 0:
                 fail(name, x, expected(count, detail))
         self._items.clear()
+        return {name: value for name, (value, _) in zip(reads, values[len(values) - len(reads):])}
 
 
 def unpack_lm_head(lm_head, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:

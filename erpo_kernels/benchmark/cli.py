@@ -4,6 +4,7 @@
     erpo-bench --preset cpu-small --out bench-out   # laptop CPU, a minute or two
     erpo-bench --preset gpu --dtypes bf16 --contenders erpo-triton,erpo-chunked,pytorch,liger,cce,floor
     python -m erpo_kernels.benchmark.cli --preset tiny --repeats 2   # the CI smoke run, seconds
+    erpo-bench --preset rl-batch --padding 0.4 --zero-var 0.4        # a real RL batch vs its dense floor
 
 Writes the markdown table to stdout and, under ``--out``: results.md, results.json, results.csv and
 bench.png (time and memory vs N).  A progress bar goes to stderr.  Failures (OOM, errors, failed
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true", help="skip the correctness check (not advised)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed cases to stderr")
+    parser.add_argument("--padding", type=float, default=None,
+                        help="RL batch: share of padding slots (default 0.4 with --preset rl-batch)")
+    parser.add_argument("--zero-var", dest="zero_var", type=float, default=None,
+                        help="RL batch: share of zero-variance groups (default 0.4 with --preset rl-batch)")
     parser.add_argument("--list", action="store_true", help="list contenders and whether they run here, then exit")
     return parser
 
@@ -83,14 +88,21 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Option
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu-small")
     passes = list(common.PASSES) if args.pass_name == "both" else [args.pass_name]
+    padding, zero_var = common.RL_BATCH_DEFAULTS.get(preset, (None, None))
+    padding = args.padding if args.padding is not None else padding
+    zero_var = args.zero_var if args.zero_var is not None else zero_var
+    if (padding is None) != (zero_var is None):
+        padding, zero_var = padding or 0.0, zero_var or 0.0
     settings = RunSettings(common.PRESETS[preset], args.dtypes, passes, chosen, device, args.repeats, args.warmup,
-                           check=not args.no_check, progress=not args.no_progress, verbose=args.verbose)
+                           check=not args.no_check, progress=not args.no_progress, verbose=args.verbose,
+                           padding=padding, zero_var=zero_var)
     result = run_benchmark(settings)
     device_gpu = roofline.known_gpu(common.device_name(device)) if device.type == "cuda" else None
     estimate_gpu = device_gpu or args.gpu_model
     add_estimates(result.rows, estimate_gpu)
 
     meta = dict(common.environment(device), preset=preset, repeats=args.repeats, warmup=args.warmup,
+                padding=padding, zero_var=zero_var,
                 check_shape=common.CHECK_SHAPE.label, argv=list(argv) if argv is not None else sys.argv[1:],
                 estimate_gpu=roofline.GPUS[estimate_gpu].name,
                 estimate_basis="this device" if device_gpu else "--gpu-model: not this device")

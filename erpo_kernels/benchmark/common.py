@@ -65,7 +65,14 @@ PRESETS: Dict[str, List[BenchShape]] = {
     "cpu-small": _grid([(8, 32), (8, 128), (8, 256)], [128], [8192]),
     # a GPU: N in {8192, 32768, 131072} tokens, H in {2048, 4096}, V in {32000, 128256, 151936}.
     "gpu": _grid([(8, 1024), (16, 2048), (32, 4096)], [2048, 4096], [32000, 128256, 151936]),
+    # a real RL batch (run with --padding / --zero-var, default 0.4 / 0.4 for these presets): the CPU shape
+    # of issue 13 (80 rows in groups of 8, T=128, H=256, V=32000), and a GPU one; ratios are to the dense
+    # floor of the padded shape
+    "rl-batch": [BenchShape(80, 128, 256, 32000)],
+    "rl-batch-gpu": [BenchShape(64, 512, 4096, 151936)],
 }
+# --padding / --zero-var defaults per preset (None: the legacy mask, a random prompt prefix and end padding)
+RL_BATCH_DEFAULTS = {"rl-batch": (0.4, 0.4), "rl-batch-gpu": (0.4, 0.4)}
 
 # The small shape every contender's loss and grads are checked at before it is timed.
 CHECK_SHAPE = BenchShape(8, 24, 64, 1000)

@@ -64,10 +64,32 @@ def _sample_targets(hidden: Tensor, weight: Tensor, generator: torch.Generator) 
     return out.view(hidden.shape[:-1])
 
 
+def rl_batch_mask_and_rewards(batch: int, length: int, group_size: int, padding: float, zero_var: float,
+                              gen: torch.Generator, device: torch.device):
+    """A completion mask whose rows are right-padded to about ``padding`` of the slots (lengths uniform around
+    the mean (1 - padding) * T), and 0/1 rewards where ``zero_var`` of the groups are all equal (alternately
+    all right and all wrong) and every other group has both outcomes."""
+    if not (0.0 <= padding < 1.0 and 0.0 <= zero_var <= 1.0):
+        raise ValueError(f"padding / zero_var: got {padding} / {zero_var}, expected 0 <= padding < 1, 0 <= zero_var <= 1")
+    mean = (1.0 - padding) * length
+    spread = min(mean - 1.0, length - mean)
+    lengths = (mean + spread * (2 * torch.rand(batch, generator=gen, device=device) - 1)).round().clamp(1, length)
+    mask = torch.arange(length, device=device)[None, :] < lengths[:, None]
+    groups = batch // group_size
+    rewards = torch.randint(0, 2, (groups, group_size), generator=gen, device=device).float()
+    rewards[:, 0], rewards[:, 1] = 1.0, 0.0
+    dead = round(zero_var * groups)
+    rewards[:dead] = (torch.arange(dead, device=device) % 2).float()[:, None]
+    return mask, rewards.reshape(-1)
+
+
 @torch.no_grad()
 def make_inputs(shape: BenchShape, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                logprob_noise: float = 0.1, config: Optional[ERPOConfig] = None) -> BenchInputs:
-    """Random inputs (never zeros) for ``shape``; old/ref log-probs and old entropy computed once, here."""
+                logprob_noise: float = 0.1, config: Optional[ERPOConfig] = None,
+                padding: Optional[float] = None, zero_var: Optional[float] = None) -> BenchInputs:
+    """Random inputs (never zeros) for ``shape``; old/ref log-probs and old entropy computed once, here.
+    ``padding`` / ``zero_var`` (both or neither): an RL batch of right-padded completions with that share of
+    padding slots and of zero-variance groups (:func:`rl_batch_mask_and_rewards`)."""
     B, T, H, V = shape.batch, shape.length, shape.hidden, shape.vocab
     group_size = min(GROUP_SIZE, B)
     if B % group_size:
@@ -77,11 +99,14 @@ def make_inputs(shape: BenchShape, dtype: torch.dtype, device: torch.device, see
     hidden = rand(B, T, H).to(dtype)
     weight = (rand(V, H) * (2.0 / H ** 0.5)).to(dtype)
     targets = _sample_targets(hidden, weight, gen)
-    prompt = torch.randint(0, T // 8 + 1, (B, 1), generator=gen, device=device)
-    length = torch.randint(max(1, T // 2), T + 1, (B, 1), generator=gen, device=device)
-    position = torch.arange(T, device=device)
-    mask = (position >= prompt) & (position < prompt + length)
-    rewards = torch.randint(0, 2, (B,), generator=gen, device=device).float()
+    if padding is None:
+        prompt = torch.randint(0, T // 8 + 1, (B, 1), generator=gen, device=device)
+        length = torch.randint(max(1, T // 2), T + 1, (B, 1), generator=gen, device=device)
+        position = torch.arange(T, device=device)
+        mask = (position >= prompt) & (position < prompt + length)
+        rewards = torch.randint(0, 2, (B,), generator=gen, device=device).float()
+    else:
+        mask, rewards = rl_batch_mask_and_rewards(B, T, group_size, padding, zero_var, gen, device)
     stats = token_stats(hidden, weight, targets, backend="chunked")
     old_logprobs = (stats.logprobs + logprob_noise * rand(B, T)).clamp(max=0.0)
     ref_logprobs = (stats.logprobs + 2 * logprob_noise * rand(B, T)).clamp(max=0.0)

@@ -38,6 +38,8 @@ class RunSettings:
     check: bool = True
     progress: bool = True
     verbose: bool = False
+    padding: Optional[float] = None      # an RL batch: share of padding slots (make_inputs)
+    zero_var: Optional[float] = None     # ... and of zero-variance groups
 
 
 @dataclass
@@ -153,7 +155,8 @@ def run_benchmark(settings: RunSettings) -> RunResult:
             common.release_memory(settings.device)
             inputs_key, inputs_error = (dtype, shape), None
             try:
-                inputs = make_inputs(shape, common.DTYPES[dtype], settings.device)
+                inputs = make_inputs(shape, common.DTYPES[dtype], settings.device, padding=settings.padding,
+                                     zero_var=settings.zero_var)
             except Exception as error:
                 inputs_error = classify_error(error)
                 _log(settings, error)

@@ -151,6 +151,8 @@ class ChunkWorkspace:
             self.grad_bias += self.bias_partial[:blocks].sum(0)
 
     def result(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        if hidden.shape[0] == 0 and self.grad_weight is not None:   # no chunk wrote the accumulator
+            self.grad_weight.zero_()
         return cast_grads((self.grad_hidden, self.grad_weight, self.grad_bias), hidden, weight, bias)
 
 

@@ -50,7 +50,8 @@ def loss_config(cfg: TrainConfig) -> ERPOConfig:
 def sequence_stats(model, rollout: Rollout, temperature: float):
     """Per-token log-prob and entropy [B, C] of ``model`` on the rollout's completions."""
     _, lm_head = backbone_and_head(model)
-    return token_stats(policy_hidden(model, rollout), lm_head, rollout.targets, temperature)
+    return token_stats(policy_hidden(model, rollout), lm_head, rollout.targets, temperature,
+                       mask=rollout.completion_mask)    # no logits for prompt padding or after EOS
 
 
 def guarded_step(model, optimizer, loss_is_finite: bool, grad_clip: float) -> tuple:
