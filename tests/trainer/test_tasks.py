@@ -141,7 +141,7 @@ def test_config_overrides():
         (7, "grpo", True, 3e-4, [0.9, 0.95], "grpo,erpo", "/x/y")
     assert parse_args(["--resume=false"]).resume is False
     assert parse_args([]) == TrainConfig()
-    for bad in (["--nope=1"], ["--steps=abc"], ["--algo=ppo"], ["steps=3"], ["--micro_batch=12"]):
+    for bad in (["--nope=1"], ["--steps=abc"], ["--algo=ppo"], ["steps=3"], ["--micro_batch=0"]):
         with pytest.raises(ValueError):
             parse_args(bad)
 
