@@ -116,7 +116,7 @@ def vocab_parallel_token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
 
 def check_backend(module) -> None:
-    """The chunked and Triton backends treat a target outside the shard as no one-hot column (what the
+    """The chunked, native and Triton backends treat a target outside the shard as no one-hot column (what the
     backward needs); the full-logits oracle does not."""
-    if module.__name__.rsplit(".", 1)[-1] not in ("torch_chunked", "triton"):
-        fail("backend", module.__name__, "'chunked', 'triton' or 'auto' with vocab_group")
+    if module.__name__.rsplit(".", 1)[-1] not in ("torch_chunked", "native", "triton"):
+        fail("backend", module.__name__, "'chunked', 'native', 'triton' or 'auto' with vocab_group")

@@ -8,15 +8,19 @@ torch implementation of that step runs.  Names:
 - ``"torch"``: the reference path, full [N, V] logits (for tests and tiny shapes only)
 - ``"chunked"``: pure torch, [chunk, V] logits at a time; the CPU default
 - ``"triton"``: Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``)
-- ``"native"``: the optional compiled extension of ``csrc/``
-- ``"auto"``: ``"triton"`` for CUDA tensors when Triton imports, else ``"chunked"``
+- ``"native"``: the compiled CPU kernels of ``csrc/`` in the chunked loop (built by ``pip install`` where a C++
+  compiler is found; optional)
+- ``"auto"``: ``"triton"`` for CUDA tensors when Triton imports; on the CPU ``"native"`` when the extension is
+  built, else ``"chunked"``
 
-Importing this package never imports Triton; a backend is imported the first time it is asked for.
+Importing this package never imports Triton or the extension; a backend is imported the first time it is asked
+for.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+from typing import Optional
 
 import torch
 
@@ -40,12 +44,31 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def native_unavailable() -> Optional[str]:
+    """None when the native extension loads here, else the reason it does not (the ValueError's text)."""
+    try:
+        importlib.import_module(_MODULES["native"])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def resolve_backend_name(name: str, device: torch.device) -> str:
     """Map ``name`` (possibly "auto") to a concrete backend for tensors on ``device``."""
     if name not in BACKENDS:
         raise ValueError(f"backend: got {name!r}, expected one of {BACKENDS}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "chunked"
+        if device.type == "cuda":
+            return "triton" if triton_available() else "chunked"
+        return "native" if device.type == "cpu" and native_unavailable() is None else "chunked"
+    if name == "native":
+        reason = native_unavailable()
+        if reason is not None:
+            raise ValueError(reason)
+        if device.type != "cpu":
+            raise ValueError(f"backend='native': tensors are on {device}, expected CPU tensors (the native "
+                             "kernels are CPU code; use backend='triton' or 'auto' on CUDA)")
     if name == "triton":
         if not triton_available():
             raise ValueError("backend='triton': Triton is not importable here; install triton or use "

@@ -1,7 +1,13 @@
 """Pure-torch chunked backend: [chunk, V] logits at a time, never [N, V].
 
-The CPU default, and the fallback everywhere.  Every backend module exposes the same two functions
-(``linear_stats`` and ``linear_stats_backward``) with these signatures.
+The CPU default where the native extension is not built, and the fallback everywhere.  Every backend module
+exposes the functions of this one (``linear_stats``, ``linear_stats_backward``, ``linear_fused_train``) with
+these signatures.
+
+The chunk loop is written once, here: per token chunk, the logits GEMM, the statistics, (the sweep's
+coefficients,) dz and the gradient GEMMs.  What each step does comes from a :class:`TorchSteps` (``steps=``):
+plain torch by default; the native backend (:mod:`erpo_kernels.backends.native`) passes its subclass, whose
+statistics and dz are one compiled pass each.
 """
 from __future__ import annotations
 
@@ -10,20 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 Tensor = torch.Tensor
-
-
-class _Workspace:
-    """Two [chunk, V] buffers allocated once per call and reused by every chunk: the logits (turned
-    into dz in place) and a scratch buffer.  Allocating fresh [chunk, V] temporaries per chunk lets
-    the allocator's free lists fragment, and the process's resident memory creeps past the few
-    buffers the algorithm needs."""
-
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
-        self.scratch = torch.empty_like(self.logits)
-
-    def views(self, rows: int) -> Tuple[Tensor, Tensor]:
-        return self.logits[:rows], self.scratch[:rows]
+HOST_BACKEND = True   # the chunk loop runs on the host: on CPU tensors a scalar read costs no device sync
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, out: Tensor) -> Tensor:
@@ -77,6 +70,40 @@ def resolve_chunk_size(chunk_size: Optional[int], vocab: int, device: Optional[t
     if device is None or device.type != "cuda":
         return max(16, CPU_CHUNK_BYTES // (max(vocab, 1) * 4))
     return cuda_chunk_rows(vocab, torch.cuda.mem_get_info(device)[0], dz_bytes)
+
+
+# CPU chunk sizing for the native backend (measured: bench/RESULTS.md, "chunk size").  Every chunk costs one
+# read-modify-write of the [V, H] grad_weight accumulator, and a chunk of R rows gives the three GEMMs M = R (or
+# K = R): at V = 151936 a 32 MiB buffer holds 55 rows, too few.  So the [R, V] logits buffer gets a share of the
+# memory that is free after the [V, H] accumulator, up to a cap, and at least MIN_CPU_ROWS rows while those fit.
+CPU_BUFFER_SHARE = 0.25
+CPU_BUFFER_MAX_BYTES = 1024 ** 3
+MIN_CPU_ROWS = 256
+
+
+def available_host_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_chunk_rows(vocab: int, hidden_size: int, n_tokens: int, available: Optional[int] = None,
+                   element_bytes: int = 4) -> int:
+    """Tokens per chunk on the CPU for one [rows, V] buffer of ``element_bytes`` per logit, at most ``n_tokens``:
+    the rule above, with ``available`` host bytes (default: MemAvailable, or 8 GiB where unknown)."""
+    available = available if available is not None else (available_host_bytes() or 8 * 1024 ** 3)
+    row_bytes = max(vocab, 1) * element_bytes
+    free = max(available - vocab * hidden_size * 4, 0)
+    rows = min(int(CPU_BUFFER_SHARE * free), CPU_BUFFER_MAX_BYTES) // row_bytes
+    if rows < MIN_CPU_ROWS and MIN_CPU_ROWS * row_bytes <= free // 2:
+        rows = MIN_CPU_ROWS
+    return int(max(1, min(rows, max(n_tokens, 1))))
 
 
 def _chunk_stats_(z: Tensor, targets: Tensor, ignore_index: int, scratch: Tensor
@@ -160,25 +187,74 @@ class _GradAccumulator:
         return self.grad_hidden, grad_weight, grad_bias
 
 
+
+
+class TorchSteps:
+    """The per-chunk steps of the chunk loop for one call, in plain torch: the weight in the compute dtype
+    (:func:`compute_weight`), two [rows, V] buffers allocated once per call and reused by every chunk (the
+    logits, turned into dz in place, and a scratch buffer; fresh [chunk, V] temporaries per chunk let the
+    allocator's free lists fragment and the resident memory creep up), statistics and dz as a few torch passes
+    each, gradients by :class:`_GradAccumulator`.  Subclasses replace the steps, not the loop."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: int, temperature: float,
+                 ignore_index: int):
+        self.dtype = compute_dtype(hidden)
+        self.weight, self.bias = compute_weight(weight), bias
+        self.temperature, self.ignore_index = temperature, ignore_index
+        self.logits_buffer = torch.empty(rows, weight.shape[0], dtype=self.dtype, device=hidden.device)
+        self.scratch = torch.empty_like(self.logits_buffer)
+
+    @staticmethod
+    def chunk_rows(chunk_size: Optional[int], hidden: Tensor, weight: Tensor) -> int:
+        """Tokens per chunk: ``chunk_size``, or :func:`resolve_chunk_size`'s budget."""
+        return resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
+
+    def logits(self, h: Tensor, lse: Optional[Tensor] = None) -> Tensor:
+        """The chunk's logits [rows, V] in the buffer.  ``lse`` (the backward's recompute: the chunk's known
+        logsumexp) lets a subclass store them more precisely; plain torch does not need it."""
+        return _chunk_logits(h, self.weight, self.bias, self.temperature, out=self.logits_buffer[:h.shape[0]])
+
+    def logits_and_stats(self, h: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(z, logprobs, entropy, lse, lse in the frame z is left in) for the chunk's hidden rows ``h``."""
+        z = self.logits(h)
+        logprobs, entropy, lse, row_max = _chunk_stats_(z, targets, self.ignore_index, self.scratch[:z.shape[0]])
+        return z, logprobs, entropy, lse, lse - row_max     # z is now z - row_max
+
+    def dz(self, z: Tensor, lse_in_z: Tensor, entropy: Tensor, targets: Tensor, grad_logprobs: Optional[Tensor],
+           grad_entropy: Optional[Tensor]) -> Tensor:
+        return _chunk_dz_(z, lse_in_z, entropy, targets, grad_logprobs, grad_entropy, self.ignore_index,
+                          self.temperature, self.scratch[:z.shape[0]])
+
+    def gradients(self, hidden: Tensor, weight: Tensor, needs_input_grad, n_chunks: int):
+        """The accumulator of grad_hidden / grad_weight / grad_bias over the chunks (``add``, ``result``)."""
+        return _GradAccumulator(hidden, self.weight, self.bias, needs_input_grad, (hidden.dtype, weight.dtype))
+
+
+def _chunks(n_tokens: int, chunk: int):
+    return [(start, min(start + chunk, n_tokens)) for start in range(0, n_tokens, chunk)]
+
+
+def _setup(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, ignore_index: int,
+           chunk_size: Optional[int], steps):
+    steps = steps or TorchSteps
+    chunk = steps.chunk_rows(chunk_size, hidden, weight)
+    rows = min(chunk, hidden.shape[0])
+    return steps(hidden, weight, bias, rows, temperature, ignore_index), _chunks(hidden.shape[0], chunk)
+
+
 def linear_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
-                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+                 temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None,
+                 steps=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-token log-prob of the target, entropy and logsumexp, each [N] in ``compute_dtype(hidden)``.
 
     torch: ``z = (hidden @ weight.T + bias) / temperature; lse = z.logsumexp(-1);``
     ``logprobs = z[n, targets] - lse`` (0 where ``targets == ignore_index``);
     ``entropy = lse - (softmax(z) * z).sum(-1)``.
     """
-    n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
-    outputs = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
-    work = _Workspace(min(chunk_size, n_tokens), weight.shape[0], compute_dtype(hidden), hidden.device)
-    weight_c = compute_weight(weight)
-    for start in range(0, n_tokens, chunk_size):
-        stop = min(start + chunk_size, n_tokens)
-        z, scratch = work.views(stop - start)
-        _chunk_logits(hidden[start:stop], weight_c, bias, temperature, out=z)
-        for out, value in zip(outputs, _chunk_stats_(z, targets[start:stop], ignore_index, scratch)[:3]):
+    work, chunks = _setup(hidden, weight, bias, temperature, ignore_index, chunk_size, steps)
+    outputs = [hidden.new_empty(hidden.shape[0], dtype=work.dtype) for _ in range(3)]
+    for start, stop in chunks:
+        for out, value in zip(outputs, work.logits_and_stats(hidden[start:stop], targets[start:stop])[1:4]):
             out[start:stop] = value
     return tuple(outputs)
 
@@ -187,34 +263,28 @@ def linear_stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           lse: Tensor, entropy: Tensor, grad_logprobs: Optional[Tensor],
                           grad_entropy: Optional[Tensor], *, temperature: float = 1.0,
                           ignore_index: int = -100, chunk_size: Optional[int] = None,
-                          needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)
+                          needs_input_grad: Tuple[bool, bool, bool] = (True, True, True), steps=None
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of ``sum(grad_logprobs * logprobs + grad_entropy * entropy)`` wrt hidden, weight, bias.
 
     ``grad_hidden = dz @ W``, ``grad_weight = dz.T @ h``, ``grad_bias = dz.sum(0)`` with dz of
     :func:`_chunk_dz_` (ERPO_SPEC.md, "Gradient of the fused part"), logits recomputed per chunk.
     """
-    n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
-    weight_c = compute_weight(weight)
-    grads = _GradAccumulator(hidden, weight_c, bias, needs_input_grad, (hidden.dtype, weight.dtype))
-    work = _Workspace(min(chunk_size, n_tokens), weight.shape[0], compute_dtype(hidden), hidden.device)
-    pick = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
-    for start in range(0, n_tokens, chunk_size):
-        stop = min(start + chunk_size, n_tokens)
-        h = hidden[start:stop]
-        z, scratch = work.views(stop - start)
-        _chunk_logits(h, weight_c, bias, temperature, out=z)
-        dz = _chunk_dz_(z, lse[start:stop], entropy[start:stop], targets[start:stop],
-                        pick(grad_logprobs, start, stop), pick(grad_entropy, start, stop), ignore_index, temperature,
-                        scratch)
+    work, chunks = _setup(hidden, weight, bias, temperature, ignore_index, chunk_size, steps)
+    grads = work.gradients(hidden, weight, needs_input_grad, len(chunks))
+    pick = lambda x, a, b: None if x is None else x[a:b].to(work.dtype)  # noqa: E731
+    for start, stop in chunks:
+        h, chunk_lse = hidden[start:stop], lse[start:stop].to(work.dtype)
+        z = work.logits(h, chunk_lse)
+        dz = work.dz(z, chunk_lse, entropy[start:stop].to(work.dtype), targets[start:stop],
+                     pick(grad_logprobs, start, stop), pick(grad_entropy, start, stop))
         grads.add(start, stop, h, dz)
     return grads.result()
 
 
 def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, terms, *,
                        temperature: float = 1.0, ignore_index: int = -100, chunk_size: Optional[int] = None,
-                       needs_input_grad: Tuple[bool, bool, bool] = (True, True, True)):
+                       needs_input_grad: Tuple[bool, bool, bool] = (True, True, True), steps=None):
     """Forward and backward in one sweep, 3 matmuls instead of 4: while a chunk's logits are live, compute its
     stats, fill its per-token coefficients (``terms``: a :class:`erpo_kernels.fused.SweepTerms`) and turn the
     logits into dz.
@@ -223,22 +293,16 @@ def linear_fused_train(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     ``loss = sum(L * w)``.  Valid when every token's coefficient depends only on that token (old entropy
     known, linear aggregation).
     """
-    n_tokens = hidden.shape[0]
-    chunk_size = resolve_chunk_size(chunk_size, weight.shape[0], hidden.device)
-    weight_c = compute_weight(weight)
-    grads = _GradAccumulator(hidden, weight_c, bias, needs_input_grad, (hidden.dtype, weight.dtype))
-    stats = [hidden.new_empty(n_tokens, dtype=compute_dtype(hidden)) for _ in range(3)]
-    work = _Workspace(min(chunk_size, n_tokens), weight.shape[0], compute_dtype(hidden), hidden.device)
-    for start in range(0, n_tokens, chunk_size):
-        stop = min(start + chunk_size, n_tokens)
+    work, chunks = _setup(hidden, weight, bias, temperature, ignore_index, chunk_size, steps)
+    grads = work.gradients(hidden, weight, needs_input_grad, len(chunks))
+    stats = [hidden.new_empty(hidden.shape[0], dtype=work.dtype) for _ in range(3)]
+    to_work = lambda x: None if x is None else x.to(work.dtype)  # noqa: E731
+    for start, stop in chunks:
         h, tgt = hidden[start:stop], targets[start:stop]
-        z, scratch = work.views(stop - start)
-        _chunk_logits(h, weight_c, bias, temperature, out=z)
-        logprobs, entropy, lse, row_max = _chunk_stats_(z, tgt, ignore_index, scratch)  # z is now z - row_max
+        z, logprobs, entropy, lse, lse_in_z = work.logits_and_stats(h, tgt)
         for out, value in zip(stats, (logprobs, entropy, lse)):
             out[start:stop] = value
         grad_logprobs, grad_entropy = terms.coefficients(start, stop, logprobs, entropy)
-        dz = _chunk_dz_(z, lse - row_max, entropy, tgt, grad_logprobs, grad_entropy, ignore_index, temperature,
-                        scratch)
+        dz = work.dz(z, lse_in_z, entropy, tgt, to_work(grad_logprobs), to_work(grad_entropy))
         grads.add(start, stop, h, dz)
     return (terms.loss(), *stats, *grads.result())

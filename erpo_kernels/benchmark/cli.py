@@ -5,6 +5,8 @@
     erpo-bench --preset gpu --dtypes bf16 --contenders erpo-triton,erpo-chunked,pytorch,liger,cce,floor
     python -m erpo_kernels.benchmark.cli --preset tiny --repeats 2   # the CI smoke run, seconds
     erpo-bench --preset rl-batch --padding 0.4 --zero-var 0.4        # a real RL batch vs its dense floor
+    erpo-bench --preset qwen2.5-0.5b --threads 2 --repeats 3           # a real lm_head: N=1024, H=896, V=151936
+    erpo-bench --shape 4096,896,151936 --contenders erpo-native,pytorch,floor   # any N,H,V (or BxT,H,V)
 
 Writes the markdown table to stdout and, under ``--out``: results.md, results.json, results.csv and
 bench.png (time and memory vs N).  A progress bar goes to stderr.  Failures (OOM, errors, failed
@@ -32,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erpo-bench", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(common.PRESETS), default=None,
-                        help="shape preset (default: gpu on CUDA, cpu-small otherwise)")
+                        help="shape preset, or a model's lm_head at N=1024: " + ", ".join(common.MODELS) +
+                             " (default: gpu on CUDA, cpu-small otherwise)")
+    parser.add_argument("--shape", action="append", default=None, metavar="N,H,V",
+                        help="a shape to run instead of the preset's: N,H,V or BxT,H,V (repeatable)")
     parser.add_argument("--contenders", type=_csv, default=None,
                         help="comma-separated names (default: every one installed; see --list)")
     parser.add_argument("--dtypes", type=_csv, default=["bf16", "fp32"], help="comma-separated: bf16,fp32")
@@ -87,13 +92,19 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Option
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu-small")
+    try:
+        shapes = [common.parse_shape(text) for text in args.shape] if args.shape else common.PRESETS[preset]
+    except ValueError as error:
+        parser.error(str(error))
+    if args.shape and not args.preset:
+        preset = "custom"
     passes = list(common.PASSES) if args.pass_name == "both" else [args.pass_name]
     padding, zero_var = common.RL_BATCH_DEFAULTS.get(preset, (None, None))
     padding = args.padding if args.padding is not None else padding
     zero_var = args.zero_var if args.zero_var is not None else zero_var
     if (padding is None) != (zero_var is None):
         padding, zero_var = padding or 0.0, zero_var or 0.0
-    settings = RunSettings(common.PRESETS[preset], args.dtypes, passes, chosen, device, args.repeats, args.warmup,
+    settings = RunSettings(shapes, args.dtypes, passes, chosen, device, args.repeats, args.warmup,
                            check=not args.no_check, progress=not args.no_progress, verbose=args.verbose,
                            padding=padding, zero_var=zero_var)
     result = run_benchmark(settings)
@@ -102,6 +113,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Option
     add_estimates(result.rows, estimate_gpu)
 
     meta = dict(common.environment(device), preset=preset, repeats=args.repeats, warmup=args.warmup,
+                shapes=[shape.label for shape in shapes],
                 padding=padding, zero_var=zero_var,
                 check_shape=common.CHECK_SHAPE.label, argv=list(argv) if argv is not None else sys.argv[1:],
                 estimate_gpu=roofline.GPUS[estimate_gpu].name,

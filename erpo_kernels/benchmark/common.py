@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -71,8 +71,38 @@ PRESETS: Dict[str, List[BenchShape]] = {
     "rl-batch": [BenchShape(80, 128, 256, 32000)],
     "rl-batch-gpu": [BenchShape(64, 512, 4096, 151936)],
 }
+# Real lm_heads (hidden size, vocabulary), as presets of N = 1024 tokens (8 x 128), the shape issue 11 measures
+# on a CPU; --shape N,H,V (or BxT,H,V) gives any other token count.
+MODELS: Dict[str, Tuple[int, int]] = {
+    "qwen2.5-0.5b": (896, 151936),
+    "llama-3-8b": (4096, 128256),
+    "qwen2.5-7b": (3584, 152064),
+}
+PRESETS.update({name: [BenchShape(8, 128, hidden, vocab)] for name, (hidden, vocab) in MODELS.items()})
 # --padding / --zero-var defaults per preset (None: the legacy mask, a random prompt prefix and end padding)
 RL_BATCH_DEFAULTS = {"rl-batch": (0.4, 0.4), "rl-batch-gpu": (0.4, 0.4)}
+
+def parse_shape(text: str) -> BenchShape:
+    """``"N,H,V"`` (N tokens as 8 sequences of N / 8 when 8 divides N, else one sequence) or ``"BxT,H,V"``;
+    ValueError naming what is wrong."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        hidden, vocab = int(parts[1]), int(parts[2])
+        if "x" in parts[0].lower():
+            batch, length = (int(x) for x in parts[0].lower().split("x"))
+        else:
+            tokens = int(parts[0])
+            batch = 8 if tokens % 8 == 0 else 1
+            batch, length = batch, tokens // batch
+    except ValueError:
+        raise ValueError(f"--shape: got {text!r}, expected N,H,V or BxT,H,V (integers, e.g. 1024,896,151936)") \
+            from None
+    if min(batch, length, hidden, vocab) < 1:
+        raise ValueError(f"--shape: got {text!r}, expected every size >= 1")
+    return BenchShape(batch, length, hidden, vocab)
+
 
 # The small shape every contender's loss and grads are checked at before it is timed.
 CHECK_SHAPE = BenchShape(8, 24, 64, 1000)

@@ -180,13 +180,11 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
 
 
 def _native_unavailable(device: torch.device) -> Optional[str]:
-    try:
-        from erpo_kernels.backends import get_backend
-        get_backend("native", device)
-    except (ValueError, ImportError) as error:
-        text = str(error)
-        return "not built (install with ERPO_BUILD_NATIVE=1)" if "not built" in text else text[:100]
-    return None
+    if device.type != "cpu":
+        return "CPU only"
+    from erpo_kernels.backends import native_unavailable
+    reason = native_unavailable()
+    return None if reason is None else ("not built" if "not built" in reason else reason[:100])
 
 
 def _erpo(backend: str, **kwargs) -> Contender:
@@ -231,18 +229,20 @@ def _pytorch_stats(inp: BenchInputs):
 # ----------------------------------------------------------------------------------------------
 # Liger-Kernel and Cut Cross-Entropy (imported lazily)
 # ----------------------------------------------------------------------------------------------
-def _import_unavailable(module: str, pip_name: str) -> Callable[[torch.device], Optional[str]]:
+def _import_unavailable(module: str, pip_name: str, cpu: bool = False) -> Callable[[torch.device], Optional[str]]:
+    """Why the library cannot run on ``device``: not installed, or (``cpu=False``) not on a CUDA device."""
     def unavailable(device: torch.device) -> Optional[str]:
         try:
             __import__(module)
         except ImportError:
             return f"not installed (pip install {pip_name})"
-        return None if device.type == "cuda" else "needs CUDA"
+        return None if device.type == "cuda" or cpu else "needs CUDA"
     return unavailable
 
 
 def _liger_train(inp: BenchInputs):
-    """LigerFusedLinearGRPOLoss, loss_type="dapo" (token mean), no KL: the GRPO/DAPO loss, not ERPO."""
+    """LigerFusedLinearGRPOLoss, loss_type="dapo" (token mean), no KL: the GRPO/DAPO loss, not ERPO.  Its
+    chunked loss is torch code (torch.compile'd by default, Liger's own setting), so it runs on a CPU too."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     config = ERPOConfig(mode="dapo")
     loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=config.eps_low,
@@ -325,13 +325,13 @@ def all_contenders() -> List[Contender]:
     return [
         _erpo("triton", unavailable=_triton_unavailable, note="Triton kernels"),
         _erpo("chunked", note="pure torch, [chunk, V] logits at a time"),
-        _erpo("native", unavailable=_native_unavailable, note="compiled csrc extension"),
+        _erpo("native", unavailable=_native_unavailable, note="chunked loop with the compiled CPU kernels (csrc/)"),
         _erpo("torch", logits_bytes_per_element=28.0, note="full-logits reference path"),
         Contender("pytorch", "erpo", _pytorch_train, _pytorch_stats, logits_bytes_per_element=26.0,
                   note="plain PyTorch, bf16 logits upcast to fp32, log_softmax, gather, entropy"),
         Contender("liger", "dapo", _liger_train, None,
-                  unavailable=_import_unavailable("liger_kernel.chunked_loss", "liger-kernel"),
-                  note="LigerFusedLinearGRPOLoss(loss_type='dapo', beta=0): GRPO/DAPO, not ERPO"),
+                  unavailable=_import_unavailable("liger_kernel.chunked_loss", "liger-kernel", cpu=True),
+                  note="LigerFusedLinearGRPOLoss(loss_type='dapo', beta=0), torch.compile'd: GRPO/DAPO, not ERPO"),
         Contender("cce", "weighted_ce", _cce_train, _cce_stats,
                   unavailable=_import_unavailable("cut_cross_entropy", "cut-cross-entropy"),
                   note="Cut Cross-Entropy linear_cross_entropy: CE weighted per token (not ERPO)"),
