@@ -33,10 +33,13 @@ namespace erpo_native {
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
-// A [512, 128] fp32 tile is 256 KB; with the block's hidden rows (0.9 MB at H = 896) and the weight slab
-// (0.2 MB) it stays in a 2 MB L2.  Measured single-threaded at H = 896, V = 151936: 950 GFLOP/s for
-// [512, 128] tiles, 770 for [512, 64], 860 for [512, 512].
-constexpr int64_t kBlockRows = 512;
+// Tiles of kBlockRows x kSlabCols (ops.h) fp32: 256 x 512 = 512 KB, which with the block's hidden rows (0.45 MB
+// at H = 896) and the weight slab (0.9 MB) fits a 2 MB L2.  Measured, the whole step at N = 1024, H = 896,
+// V = 151936, 2 threads (ms; oneDNN's bf16 GEMM alone: 150): 256 x 512: 204-222; 256 x 256: 227-237;
+// 512 x 128 .. 512 x 512: 225-258; 128 x any: 288-295.  MKL's own packing of the hidden block, repeated for every
+// slab, and the bf16 stores to memory are what the step adds to the GEMM.  Splitting the vocabulary over the
+// threads instead of the rows was slower (262 ms at 1024 x 128): the stores then scatter over every row.
+constexpr int64_t kBlockRows = 256;
 
 void check_int32(int64_t value, const char* what) {
   TORCH_CHECK(value <= INT_MAX, what, " of ", value, " exceeds MKL's 32-bit sizes");
@@ -123,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_logits_bf16(
   float* shift = shifts.data_ptr<float>();
   const int64_t ld_shift = shifts.stride(0);
 
-  // one contiguous block of rows per thread; MKL runs single-threaded inside the parallel region
+  // One contiguous block of rows per thread (splitting the vocabulary instead was slower: 262 vs 230 ms, its
+  // stores scatter over every row of the chunk); MKL runs single-threaded inside the parallel region.
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(kBlockRows * kSlabCols), state(4 * kBlockRows);
     for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {

@@ -13,7 +13,7 @@ namespace erpo_native {
 
 // Vocabulary columns per slab of the bf16 logits step (a multiple of every bf16 vector width): one shift per
 // (row, slab) comes with the bf16 logits (row_kernels.h, SlabArgs).  See logits_bf16.cpp for the measurements.
-constexpr int64_t kSlabCols = 128;
+constexpr int64_t kSlabCols = 512;
 
 // The build of the row kernels for the instruction set torch itself uses on this CPU.
 const RowKernels& row_kernels();

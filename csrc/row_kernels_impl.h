@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include <ATen/cpu/vec/functional.h>
@@ -32,6 +33,24 @@ using at::vec::Vectorized;
 
 // A hint to fetch the line 4 KB past p (prefetches never fault, past the end of a row or buffer included).
 inline void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + 4096, 0, 3); }
+
+// A store of a full bf16 vector that bypasses the caches where the address allows: the bf16 logits are written
+// once, read back only by the dz pass, and far larger than any cache, so a plain store would first read each
+// line from memory (measured: a third of the slab step's time waiting there).  store_fence() orders them.
+inline void store_streaming(c10::BFloat16* p, const Vectorized<c10::BFloat16>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+#endif
+  v.store(p);
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 template <typename T>
 inline Vectorized<T> fast_exp(const Vectorized<T>& x) {
@@ -212,30 +231,28 @@ void dz_rows_bf16(const DzArgs<float>& a, c10::BFloat16* logits, int64_t begin, 
   }
 }
 
-// One slab of a block of rows (SlabArgs): in statistics mode, fold it into each row's running statistics,
-// rescaling the running sums when the max grows (sum_ez shifts with the max:
-// sum e'(z - m') = f (sum_ez + (m - m') sum_e), f = exp(m - m')); then store it as bf16 minus the row's shift.
+// One slab of a block of rows (SlabArgs): in statistics mode, a max scan, then one loop that folds
+// exp(z - max) into the row's running sums and stores z - max as bf16 (one read of the tile for both);
+// the running sums are rescaled when the max grows (sum_ez shifts with the max:
+// sum e'(z - m') = f (sum_ez + (m - m') sum_e), f = exp(m - m')).  In recompute mode, only the store.
 void slab_bf16(const SlabArgs& a) {
   using Vec = Vectorized<float>;
   constexpr int64_t W = Vec::size();
   const int64_t cols = a.cols;  // a local (see dz_rows)
+  const Vec lowest(std::numeric_limits<float>::lowest());
   for (int64_t i = 0; i < a.rows; ++i) {
     const float* x = a.tile + i * a.ld_tile;
-    float shift;
+    c10::BFloat16* out = a.out + i * a.ld_out + a.col0;
+    float shift = 0.0f;
     if (a.known_lse != nullptr) {
       shift = a.known_lse[i];
     } else {
-      const float old_max = a.run_max[i];
-      const float new_max = std::max(old_max, row_max(x, cols));
+      const float old_max = a.run_max[i], new_max = std::max(old_max, row_max(x, cols));
       if (a.run_sum_e[i] > 0.0f && new_max > old_max) {
         const float f = std::exp(old_max - new_max);
         a.run_sum_ez[i] = f * (a.run_sum_ez[i] + (old_max - new_max) * a.run_sum_e[i]);
         a.run_sum_e[i] *= f;
       }
-      float sum_e, sum_ez;
-      row_exp_sums(x, cols, new_max, &sum_e, &sum_ez);
-      a.run_sum_e[i] += sum_e;
-      a.run_sum_ez[i] += sum_ez;
       a.run_max[i] = new_max;
       const int64_t column = a.targets[i] - a.col0;
       if (column >= 0 && column < cols) a.target_logit[i] = x[column];
@@ -243,19 +260,34 @@ void slab_bf16(const SlabArgs& a) {
     }
     a.shift[i * a.shift_ld] = shift;
     const Vec vshift(shift);
-    c10::BFloat16* out = a.out + i * a.ld_out + a.col0;
-    int64_t j = 0;
-    for (; j + 2 * W <= cols; j += 2 * W) {
-      at::vec::convert_from_float<c10::BFloat16>(Vec::loadu(x + j) - vshift, Vec::loadu(x + j + W) - vshift)
-          .store(out + j);
+    const bool sums = a.known_lse == nullptr;
+    Vec s0(0.0f), s1(0.0f), t0(0.0f), t1(0.0f);
+    for (int64_t j = 0; j < cols; j += 2 * W) {
+      const int64_t n = std::min(2 * W, cols - j), n_lo = std::min(n, W);
+      // past the end of the slab, -inf: exp gives 0 there and the clamp keeps 0 * (z - max) at 0
+      const Vec lo = (n_lo == W ? Vec::loadu(x + j) : load_tail(x + j, n_lo)) - vshift;
+      const Vec hi = (n == 2 * W ? Vec::loadu(x + j + W) : load_tail(x + j + W, n - n_lo)) - vshift;
+      if (sums) {
+        const Vec e_lo = fast_exp(lo), e_hi = fast_exp(hi);
+        s0 = s0 + e_lo;
+        s1 = s1 + e_hi;
+        t0 = at::vec::fmadd(e_lo, at::vec::maximum(lo, lowest), t0);
+        t1 = at::vec::fmadd(e_hi, at::vec::maximum(hi, lowest), t1);
+      }
+      const auto packed = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
+      if (n == 2 * W) {
+        store_streaming(out + j, packed);
+      } else {
+        packed.store(out + j, n);
+      }
     }
-    if (j < cols) {
-      const int64_t n = cols - j, n_lo = std::min(n, W);
-      const Vec lo = Vec::loadu(x + j, n_lo) - vshift;
-      const Vec hi = n > W ? Vec::loadu(x + j + W, n - W) - vshift : Vec(0.0f);
-      at::vec::convert_from_float<c10::BFloat16>(lo, hi).store(out + j, n);
+    if (sums) {
+      const auto add = [](Vec p, Vec q) { return p + q; };
+      a.run_sum_e[i] += at::vec::vec_reduce_all<float>(add, s0 + s1);
+      a.run_sum_ez[i] += at::vec::vec_reduce_all<float>(add, t0 + t1);
     }
   }
+  store_fence();
 }
 
 RowKernels row_kernels() {
