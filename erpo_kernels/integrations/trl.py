@@ -99,6 +99,14 @@ class ERPOGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("router_aux_loss_coef: the ERPO trainer does not add an MoE router loss; set "
                              "router_aux_loss_coef=0.0")
+        # logits = h W^T / temperature in erpo_loss: no soft-capping or scaling (TRL's fused head applies them)
+        text_config = self.model.config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                     "lm_head_multiplier"):
+            value = getattr(text_config, name, None)
+            if value is not None and (name == "final_logit_softcapping" or value != 1.0):
+                raise ValueError(f"model.config.{name}: got {value!r}; the ERPO trainer's logits are h W^T / "
+                                 "temperature, without logit soft-capping or scaling")
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
             raise ValueError("fsdp / deepspeed ZeRO-3: the ERPO trainer needs the whole lm_head weight on each "

@@ -304,6 +304,13 @@ def test_trl_trainer_needs_its_config(tmp_path):
                         train_dataset=arithmetic_data(), processing_class=tokenizer())
 
 
+def test_trl_scaled_logits_raise(tmp_path):
+    model = build_preset("tiny", seed=0)[0]
+    model.config.final_logit_softcapping = 30.0      # as Gemma 2: erpo_loss has no soft-capping
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        make_trainer("erpo", model, tmp_path, num_generations=4, per_device_train_batch_size=4)
+
+
 def test_trl_config_maps_trl_options_and_parses(tmp_path):
     argv = ["--output_dir", str(tmp_path), "--erpo_mode", "ep_grpo", "--erpo_gate_gamma", "3.0", "--loss_type",
             "dr_grpo", "--scale_rewards", "none", "--max_completion_length", "12", "--epsilon", "0.1",
