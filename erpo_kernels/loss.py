@@ -87,7 +87,8 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
     Padded: hidden [B, T, H] (or [B*T, H]); targets, mask and the per-token inputs [B, T]; rewards [B].
     Packed: hidden [N, H]; targets, mask and per-token inputs [N]; ``cu_seqlens`` [S+1]; rewards [S]
     (``max_seqlen``, the longest sequence, spares a device read of the lengths).
-    lm_head: an nn.Linear or its weight [V, H]; targets: sampled ids (``config.ignore_index`` allowed);
+    lm_head: an nn.Linear or its weight [V, H] (a DTensor weight, e.g. FSDP2's, is gathered and its gradient
+    returned to the shards averaged over the mesh); targets: sampled ids (``config.ignore_index`` allowed);
     mask: the completion mask; group_size (consecutive rows) or group_ids [rows]; old_logprobs /
     ref_logprobs / old_entropy / token_weights / gates per token.
 
@@ -114,7 +115,7 @@ def erpo_loss(hidden: Tensor, lm_head, targets: Tensor, mask: Tensor, rewards=No
     if not isinstance(config, ERPOConfig):
         v.fail("config", config, "an ERPOConfig")
     checks = v.ValueChecks(config.check_values)
-    weight, bias = v.unpack_lm_head(lm_head, bias)
+    weight, bias = v.unpack_lm_head(lm_head, bias, vocab_group)
     shard = None
     if vocab_group is not None:
         from erpo_kernels.vocab_parallel import resolve_vocab_shard

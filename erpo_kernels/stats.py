@@ -91,7 +91,8 @@ def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1
                 mask: Optional[Tensor] = None) -> TokenStats:
     """Per-token log-prob of ``targets``, entropy and logsumexp of softmax((hidden @ W.T + b) / temperature).
 
-    hidden [B, T, H] or [N, H]; lm_head an nn.Linear or its weight [V, H]; targets [B, T] / [N] ids
+    hidden [B, T, H] or [N, H]; lm_head an nn.Linear or its weight [V, H] (a DTensor weight is gathered: see
+    :func:`erpo_kernels.validation.gather_dtensor`); targets [B, T] / [N] ids
     (``ignore_index`` gives logprob 0).  Never builds [N, V] logits (except backend="torch").
     Differentiable in both logprobs and entropy; under ``torch.no_grad()`` it is the cheap
     old-policy / reference pass.  ``check_values=False`` skips the value checks (finite hidden states,
@@ -101,7 +102,7 @@ def token_stats(hidden: Tensor, lm_head, targets: Tensor, temperature: float = 1
     ``vocab_group`` (a torch.distributed process group): ``lm_head`` is this rank's block of vocabulary rows
     (rank order, contiguous; :mod:`erpo_kernels.vocab_parallel`) and the outputs are the whole vocabulary's.
     """
-    weight, bias = unpack_lm_head(lm_head, bias)
+    weight, bias = unpack_lm_head(lm_head, bias, vocab_group)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature: got {temperature!r}, expected a number > 0")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):

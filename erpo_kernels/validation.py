@@ -11,6 +11,7 @@ inputs: then a call reads nothing from the device.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -62,15 +63,48 @@ class ValueChecks:
         return {name: value for name, (value, _) in zip(reads, values[len(values) - len(reads):])}
 
 
-def unpack_lm_head(lm_head, bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-    """Accept an nn.Linear (weight [V, H], optional bias) or its weight tensor."""
+def unpack_lm_head(lm_head, bias: Optional[Tensor], vocab_group=None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Accept an nn.Linear (weight [V, H], optional bias) or its weight tensor; a DTensor weight or bias
+    (FSDP2's ``fully_shard``, tensor parallel) is gathered whole, see :func:`gather_dtensor`."""
     if isinstance(lm_head, nn.Linear):
         if bias is not None and lm_head.bias is not None:
             raise ValueError("bias: given both as an argument and as lm_head.bias; expected one of them")
-        return lm_head.weight, lm_head.bias if bias is None else bias
-    if not isinstance(lm_head, Tensor):
+        weight, bias = lm_head.weight, lm_head.bias if bias is None else bias
+    elif not isinstance(lm_head, Tensor):
         fail("lm_head", lm_head, "an nn.Linear or a weight tensor [V, H]")
-    return lm_head, bias
+    else:
+        weight = lm_head
+    if vocab_group is not None and (is_dtensor(weight) or is_dtensor(bias)):
+        # gathered, every rank would hold the whole vocabulary and the shard layout would count it world times
+        fail("lm_head", "a DTensor weight or bias with vocab_group",
+             "this rank's block of vocabulary rows as a plain tensor with vocab_group "
+             "(lm_head.weight.to_local() of a Shard(0) DTensor), or the DTensor without vocab_group")
+    return gather_dtensor(weight), gather_dtensor(bias)
+
+
+def is_dtensor(x) -> bool:
+    """True for a torch.distributed.tensor.DTensor; no import (a DTensor exists only once its module is loaded)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+def gather_dtensor(x: Optional[Tensor]) -> Optional[Tensor]:
+    """A DTensor parameter gathered whole (``full_tensor``, differentiable), its gradient returned to the shards
+    averaged over the device mesh, as FSDP2 (``fully_shard``) and DDP average data-parallel gradients: every
+    rank's loss is its part of the batch, and the model's other parameters get the mean over ranks.  Ranks
+    holding the same tokens (tensor parallel) get their common gradient.  Another reduction: pass
+    ``weight.full_tensor(grad_placements=...)``, a plain tensor, instead.  Anything else is returned as is."""
+    if not is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Partial
+    return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
+
+
+def reject_dtensor(name: str, x) -> None:
+    """Per-token inputs are this rank's tokens: a DTensor would leave it open which tokens are meant."""
+    if is_dtensor(x):
+        fail(name, f"a DTensor (placements {x.placements})", "a plain tensor of this rank's tokens: pass "
+             f"{name}.to_local() (with the matching rows of targets and mask) or {name}.full_tensor() (every rank's)")
 
 
 def check_float(name: str, x, ndim: Optional[int] = None, shape=None, device=None) -> None:
@@ -99,6 +133,7 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     ``weight_name`` is what the caller called the weight argument; ``vocab`` the whole vocabulary when the
     weight is one vocab shard of it (default: the weight's rows)."""
     check_float("hidden", hidden)
+    reject_dtensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         fail("hidden", hidden, "[B, T, H] or [N, H]")
     check_float(weight_name, weight, device=hidden.device)

@@ -8,6 +8,8 @@ how many mismatch, and the builders of fresh random inputs (never zeros) every t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from erpo_kernels import ERPOConfig, token_stats
@@ -33,6 +35,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
             f"{name}: {int(bad.sum())}/{bad.numel()} mismatched (rtol={rtol}, atol={atol}); max abs error "
             f"{float(err.max()):.3e} at {index}: got {float(a.reshape(-1)[flat]):.8g}, "
             f"expected {float(e.reshape(-1)[flat]):.8g}")
+
+
+def triton_device() -> str:
+    """Where the "triton" backend runs in a test: the CPU under the interpreter (tests/conftest.py sets it without
+    CUDA; spawned ranks inherit the environment), else the GPU (gloo all-reduces CUDA tensors too)."""
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def make_linear_inputs(n_tokens, dim, vocab, dtype=torch.float32, with_bias=True, seed=0, device="cpu",

@@ -3,22 +3,14 @@
 Each rank holds half of the groups; the global gate on the shards must equal the "batch" gate of
 one process holding the whole batch, and so must the advantages and the loss gradients.
 """
-import os
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from erpo_kernels import erpo_advantages, erpo_loss
-from tests.helpers import assert_close, make_batch, small_config
+from tests.helpers import assert_close, make_batch, small_config, triton_device
 
 WORLD = 2
-
-
-def _triton_device() -> str:
-    """Where the "triton" backend runs: the CPU under the interpreter (tests/conftest.py sets it without CUDA;
-    spawned ranks inherit the environment), else the GPU (gloo all-reduces CUDA tensors too)."""
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _worker(rank, init_file, results):
@@ -30,7 +22,7 @@ def _worker(rank, init_file, results):
         adv = erpo_advantages(batch["rewards"][rows], batch["mask"][rows], batch["old_entropy"][rows],
                               batch["old_logprobs"][rows], batch["ref_logprobs"][rows], group_size=4,
                               config=config)
-        for backend, device in (("chunked", "cpu"), ("triton", _triton_device())):
+        for backend, device in (("chunked", "cpu"), ("triton", triton_device())):
             on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             weight = on["weight"].clone().requires_grad_()
             out = erpo_loss(on["hidden"][rows], weight, on["targets"][rows], on["mask"][rows],
