@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from erpo_kernels import doctor
-from erpo_kernels.backends import torch_chunked
+from erpo_kernels.backends import resolve_backend_name, torch_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTITIES = [f"{section}.{name}" for section, names in doctor.SECTIONS.items() for name in names]
@@ -52,8 +52,10 @@ def test_tiny_run_passes_every_check(tmp_path):
                 assert len(matches) == 1 and matches[0][-1] == "PASS", (name, dtype, quantity, matches)
     assert " FAIL" not in out and "ERROR" not in out
     assert "result: OK" in out
-    # timing: the default backend on the CPU (chunked), both passes, as ratios to the GEMM floor
-    assert "timing chunked bf16" in out and "goal <= 1.10x" in out
+    # timing: the default backend on the CPU (native where it is built, else chunked), both passes, as ratios
+    # to the GEMM floor
+    default = resolve_backend_name("auto", torch.device("cpu"))
+    assert f"timing {default} bf16" in out and "goal <= 1.10x" in out
     data = json.loads(report.read_text())
     assert data["result"] == "OK" and len(data["checks"]) == len(available) * len(doctor.DTYPES) * len(QUANTITIES)
     assert all(c["status"] == "PASS" and c["error"] <= c["tolerance"] for c in data["checks"])

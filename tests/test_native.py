@@ -120,6 +120,26 @@ def test_tiny_and_odd_vocabularies(dtype, vocab):
         assert float(lp.abs().max()) == 0 and float(ent.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["native", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_no_live_token_gives_zero_grads_not_garbage(backend, dtype):
+    """Every advantage 0 and no KL / entropy term: token skipping leaves no row for the GEMMs, so no chunk runs;
+    the weight's gradient must still be exactly 0 (found: the native grad_weight was an unwritten torch.empty,
+    whatever the allocator had there, which made a trainer's run depend on its memory history)."""
+    batch = make_batch(B=8, T=6, H=16, V=37, dtype=dtype)
+    weight = batch["weight"].detach().clone().requires_grad_()
+    hidden = batch["hidden"].detach().clone().requires_grad_()
+    for _ in range(4):   # leave NaN in freed blocks of the weight's size, where an unwritten buffer would land
+        junk = torch.full_like(weight, float("nan"))
+        del junk
+    out = erpo_loss(hidden, weight, batch["targets"], batch["mask"], advantages=torch.zeros(8, 6),
+                    old_logprobs=batch["old_logprobs"], old_entropy=batch["old_entropy"],
+                    config=small_config(mode="grpo"), backend=backend)
+    out.loss.backward()
+    assert float(out.loss) == 0.0
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def test_custom_ignore_index():
     hidden, weight, b, targets = make_linear_inputs(40, 16, 50, ignore_every=0)
     targets[::3] = 7      # ignore_index inside the vocabulary: those rows count as ignored, not as token 7

@@ -2,17 +2,19 @@
 error where it is not, "auto" picking it on the CPU, argument errors that name the argument, every instruction
 set build agreeing, results independent of the thread count, and the CPU chunk sizing rule."""
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from erpo_kernels import token_stats
 from erpo_kernels.backends import native_unavailable, resolve_backend_name
-from erpo_kernels.backends.torch_chunked import MIN_CPU_ROWS, cpu_chunk_rows
+from erpo_kernels.backends.torch_chunked import MIN_CPU_ROWS, available_host_bytes, cpu_chunk_rows
 from tests.helpers import assert_close, make_linear_inputs
 
 COMPILER = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
@@ -156,3 +158,41 @@ def test_cpu_chunk_rows_rule():
     assert tight == MIN_CPU_ROWS          # a share would give fewer rows; the minimum still fits
     assert cpu_chunk_rows(**qwen, n_tokens=10 ** 6, available=600 * 2 ** 20) < MIN_CPU_ROWS
     assert cpu_chunk_rows(vocab=1, hidden_size=1, n_tokens=0, available=gib) == 1
+    assert cpu_chunk_rows(**qwen, n_tokens=10 ** 6, available=20 * gib, max_rows=384) == 384
+    assert cpu_chunk_rows(**qwen, n_tokens=100, available=20 * gib, max_rows=384) == 100
+
+
+def test_native_chunk_rows_by_dtype():
+    """The native backend's choice at the 0.5B lm_head, N = 1024: fp32 capped at FP_CHUNK_ROWS (more rows buy no
+    time), bf16 one chunk while the budget holds it (grad_weight written in bf16, no fp32 accumulator)."""
+    native = pytest.importorskip("erpo_kernels.backends.native", exc_type=ValueError)
+    free = available_host_bytes()
+    if free is not None and free < 4 * 1024 ** 3:
+        pytest.skip("needs 4 GiB of free host memory for the budget to hold a whole bf16 chunk")
+    weight = torch.empty(151936, 896)
+    hidden = torch.empty(1024, 896)
+    assert native.NativeSteps.chunk_rows(None, hidden, weight) == native.FP_CHUNK_ROWS
+    assert native.NativeSteps.chunk_rows(None, hidden.double(), weight.double()) == native.FP_CHUNK_ROWS
+    if native.BF16_GEMM:
+        assert native.NativeSteps.chunk_rows(None, hidden.bfloat16(), weight.bfloat16()) == 1024
+    assert native.NativeSteps.chunk_rows(77, hidden, weight) == 77
+
+
+def test_setup_without_a_compiler_still_succeeds(tmp_path):
+    """setup.py with a C++ compiler that fails (CC=CXX=/bin/false, as on a machine without one): the build step
+    exits 0, warns why the extension was not built, and leaves no extension behind; ERPO_BUILD_NATIVE=1 makes
+    the same failure fatal."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("setup.py", "pyproject.toml", "README.md", "csrc"):
+        (shutil.copytree if (root / name).is_dir() else shutil.copy)(root / name, tmp_path / name)
+    (tmp_path / "erpo_kernels").mkdir()
+    env = {**os.environ, "CC": "/bin/false", "CXX": "/bin/false"}
+    env.pop("ERPO_BUILD_NATIVE", None)
+    command = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the native extension was not built" in result.stderr
+    assert not list((tmp_path / "erpo_kernels").glob("_native*"))
+    strict = subprocess.run(command, cwd=tmp_path, env={**env, "ERPO_BUILD_NATIVE": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert strict.returncode != 0

@@ -5,15 +5,16 @@ ValueError that says why it is missing.
 
 Per token chunk (``linear_fused_train``, the one-sweep training pass; the two-pass path uses the same steps):
 
-1. logits [rows, V] in fp32 (fp64 for fp64 inputs) from one GEMM, with ``1 / temperature`` as its alpha and the
-   bias as its beta term.  bf16 inputs keep the bf16 weight: MKL's bf16 x bf16 -> fp32 GEMM
-   (``torch.ops.erpo_native.gemm_bf16_f32``) writes fp32 logits, so the statistics are as exact as with an
-   fp32 weight copy, which this backend never makes;
-2. ``chunk_stats``: log-prob, entropy and logsumexp in one pass over the block;
-3. the surrogate's per-token coefficients (torch, [rows]-sized: ``SweepTerms.coefficients``);
-4. ``chunk_dz_``: dz in one pass, in place: fp32 (fp64) over the logits, or bf16 (for bf16 inputs) over the
-   first half of each logits row, so the two gradient GEMMs run at bf16 speed (torch.mm, oneDNN);
-5. grad_hidden rows = dz @ W; grad_weight = dz^T @ h: written by the first chunk (no zero fill), accumulated
+1. fp32 / fp64 inputs: logits [rows, V] from one GEMM (torch.addmm), ``1 / temperature`` as its alpha and the
+   bias as its beta term; then ``chunk_stats``: log-prob, entropy and logsumexp in one pass over the block.
+   bf16 inputs: ``chunk_logits_bf16`` (csrc/logits_bf16.cpp) runs MKL's bf16 x bf16 -> fp32 GEMM tile by tile
+   (256 rows x 512 vocabulary columns, in L2) and folds each tile into fp32 running statistics while storing
+   it as bf16 minus a per-(row, slab) shift: the buffer is bf16, the statistics are as exact as from fp32
+   logits, and no fp32 copy of the weight is ever made;
+2. the surrogate's per-token coefficients (torch, [rows]-sized: ``SweepTerms.coefficients``);
+3. ``chunk_dz_``: dz in one pass, in place, in the buffer's dtype (bf16 for bf16 inputs, so the two gradient
+   GEMMs run at bf16 speed through oneDNN);
+4. grad_hidden rows = dz @ W; grad_weight = dz^T @ h: written by the first chunk (no zero fill), accumulated
    in fp32 by the others (MKL's mixed GEMM for bf16), written in the weight's dtype directly when there is
    one chunk.
 
@@ -57,6 +58,9 @@ except ImportError as _error:
     raise _unavailable(_error) from _error
 
 _ops = torch.ops.erpo_native
+# fp32 / fp64 chunk cap: the training pass at H = 896, V = 151936 is as fast with 384-row chunks as with 1024
+# (bench/RESULTS.md, "Native CPU backend") at 229 instead of 449 MiB of buffer.
+FP_CHUNK_ROWS = 384
 BF16_GEMM = bool(_ops.has_bf16_gemm())   # MKL's bf16 x bf16 -> fp32 GEMM is in this torch
 
 
@@ -68,7 +72,7 @@ def capability() -> str:
 class _Bf16Logits(NamedTuple):
     """A chunk's bf16 logits as chunk_logits_bf16 stores them: z minus a shift per (row, vocabulary slab)."""
     values: Tensor      # [rows, V] bf16
-    shifts: Tensor      # [rows, ceil(V / 128)] fp32
+    shifts: Tensor      # [rows, ceil(V / kSlabCols)] fp32 (kSlabCols = 512, csrc/ops.h)
 
 
 class NativeSteps(TorchSteps):
@@ -89,11 +93,16 @@ class NativeSteps(TorchSteps):
 
     @staticmethod
     def chunk_rows(chunk_size: Optional[int], hidden: Tensor, weight: Tensor) -> int:
+        """``chunk_size``, or (None) the CPU rule (torch_chunked.cpu_chunk_rows): fp32 / fp64 chunks capped at
+        FP_CHUNK_ROWS; bf16 chunks as large as the memory budget allows, so that a batch that fits in one chunk
+        has its grad_weight written straight in bf16, without the fp32 accumulator (measured: one 1024-row chunk
+        takes 0.75x the time of 384-row chunks at the 0.5B shape, and 230 against 640 MiB)."""
         if chunk_size is not None:
             return chunk_size
         bf16 = weight.dtype == torch.bfloat16 and hidden.dtype == torch.bfloat16 and BF16_GEMM
         return torch_chunked.cpu_chunk_rows(weight.shape[0], weight.shape[1], hidden.shape[0],
-                                            element_bytes=2 if bf16 else compute_dtype(hidden).itemsize)
+                                            element_bytes=2 if bf16 else compute_dtype(hidden).itemsize,
+                                            max_rows=None if bf16 else FP_CHUNK_ROWS)
 
     def logits(self, h: Tensor, lse: Optional[Tensor] = None):
         """(h W^T + b) / temperature in one GEMM call, alpha = 1 / temperature and the bias as its beta term; for
@@ -174,6 +183,8 @@ class _NativeGrads:
         self.first = False
 
     def result(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        if self.first and self.grad_weight is not None:   # no chunk ran (no live token): nothing wrote it
+            self.grad_weight.zero_()
         grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight_dtype)
         grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.steps.bias_dtype)
         return self.grad_hidden, grad_weight, grad_bias

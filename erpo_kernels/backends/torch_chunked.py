@@ -72,10 +72,12 @@ def resolve_chunk_size(chunk_size: Optional[int], vocab: int, device: Optional[t
     return cuda_chunk_rows(vocab, torch.cuda.mem_get_info(device)[0], dz_bytes)
 
 
-# CPU chunk sizing for the native backend (measured: bench/RESULTS.md, "chunk size").  Every chunk costs one
-# read-modify-write of the [V, H] grad_weight accumulator, and a chunk of R rows gives the three GEMMs M = R (or
-# K = R): at V = 151936 a 32 MiB buffer holds 55 rows, too few.  So the [R, V] logits buffer gets a share of the
-# memory that is free after the [V, H] accumulator, up to a cap, and at least MIN_CPU_ROWS rows while those fit.
+# CPU chunk sizing for the native backend (measured: bench/RESULTS.md, "Native CPU backend", chunk sweep).  A
+# chunk of R rows gives the three GEMMs M = R (or K = R): at V = 151936 a 32 MiB buffer holds 55 rows, too few.
+# So the [R, V] logits buffer gets a share of the memory that is free after the [V, H] accumulator, up to a cap,
+# and at least MIN_CPU_ROWS rows while those fit.  ``max_rows`` then caps it where more rows buy no time: at
+# H = 896, V = 151936 (fp32, 1 and 2 threads) the training pass is flat from 256-384 rows up and 10-15% slower
+# at 128, while its buffer grows linearly with the rows.
 CPU_BUFFER_SHARE = 0.25
 CPU_BUFFER_MAX_BYTES = 1024 ** 3
 MIN_CPU_ROWS = 256
@@ -94,15 +96,18 @@ def available_host_bytes() -> Optional[int]:
 
 
 def cpu_chunk_rows(vocab: int, hidden_size: int, n_tokens: int, available: Optional[int] = None,
-                   element_bytes: int = 4) -> int:
-    """Tokens per chunk on the CPU for one [rows, V] buffer of ``element_bytes`` per logit, at most ``n_tokens``:
-    the rule above, with ``available`` host bytes (default: MemAvailable, or 8 GiB where unknown)."""
+                   element_bytes: int = 4, max_rows: Optional[int] = None) -> int:
+    """Tokens per chunk on the CPU for one [rows, V] buffer of ``element_bytes`` per logit, at most ``n_tokens``
+    and ``max_rows``: the rule above, with ``available`` host bytes (default: MemAvailable, or 8 GiB where
+    unknown)."""
     available = available if available is not None else (available_host_bytes() or 8 * 1024 ** 3)
     row_bytes = max(vocab, 1) * element_bytes
     free = max(available - vocab * hidden_size * 4, 0)
     rows = min(int(CPU_BUFFER_SHARE * free), CPU_BUFFER_MAX_BYTES) // row_bytes
     if rows < MIN_CPU_ROWS and MIN_CPU_ROWS * row_bytes <= free // 2:
         rows = MIN_CPU_ROWS
+    if max_rows is not None:
+        rows = min(rows, max_rows)
     return int(max(1, min(rows, max(n_tokens, 1))))
 
 
