@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from erpo_kernels.backends import torch_chunked
+
 MIB = 1024 * 1024
 
 
@@ -248,16 +250,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return max(0, peak - base)
 
 
-def available_host_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (None where unknown): the CPU guard against the OOM killer."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+# MemAvailable (None where unknown): the CPU guard against the OOM killer
+available_host_bytes = torch_chunked.available_host_bytes
 
 
 # ----------------------------------------------------------------------------------------------
