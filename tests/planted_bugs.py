@@ -40,8 +40,9 @@ BUGS = {
     "seq_mean_token_sum_weight_reference": (
         "erpo_kernels/reference.py", "return torch.stack([token_loss[i][mask[i]].sum() for i in range(B)]).mean()",
         "return torch.stack([token_loss[i][mask[i]].sum() for i in range(B)]).mean() / 2"),
-    "seq_mean_token_sum_weight_production": ("erpo_kernels/surrogate.py", "denominator = float(rows)\n",
-                                             "denominator = float(2 * rows)\n"),
+    "seq_mean_token_sum_weight_production": ("erpo_kernels/surrogate.py",
+                                             "denominator = count if count is not None else float(rows)\n",
+                                             "denominator = count if count is not None else float(2 * rows)\n"),
     "holder_root_reference": ("erpo_kernels/reference.py",
                               "return torch.sign(s) * s.abs().clamp_min(config.eps) ** (1.0 / p)",
                               "return torch.sign(s) * s.abs().clamp_min(config.eps) ** (2.0 / p)"),
