@@ -22,7 +22,10 @@ class TrainConfig:
     device: str = "auto"                # "auto" = cuda if available (Triton backend), else cpu
     threads: int = 1                    # CPU threads for torch; tiny models run fastest on 1; 0 = torch default
     resume: bool = False                # continue from out_dir/ckpt (model, optimizer, RNG, step)
-    compare: str = ""                   # e.g. "grpo,erpo": one run per algo, same seed and budget
+    compare: str = ""                   # e.g. "grpo,erpo": one run per algo, same seeds and budget; an entry
+                                        # "erpo+ft4" is erpo with first_token_top_n=4 (an extra row)
+    seeds: int = 1                      # --compare: seeds seed, seed+1, ..., seed+seeds-1 for every algo
+    jobs: int = 1                       # --compare: runs at once (processes, threads each); 1 = one by one
     stop_after: int = 0                 # stop (with a checkpoint) after this step; 0 = run to `steps`
     # --- model --------------------------------------------------------------------------------
     model: str = "tiny"                 # preset ("tiny", "tiny-llama", "small", "base") or local HF dir
@@ -42,12 +45,15 @@ class TrainConfig:
     prompts_per_step: int = 16
     group_size: int = 8                 # G samples per prompt
     temperature: float = 1.0            # sampling temperature; the loss uses the same one
+    first_token_top_n: int = 0          # REFT-style exploration: first response token uniform over the policy's
+                                        # top-N (training rollouts only, hf rollout); 0 = off
     # --- RL update ----------------------------------------------------------------------------
     algo: str = "erpo"                  # "erpo" | "ep_grpo" | "grpo" | "dapo" | "dr_grpo"
     steps: int = 300                    # rollout batches
     updates_per_batch: int = 2          # optimizer steps on each batch (PPO-style reuse)
     micro_batch: int = 64               # rows per forward/backward (any size: advantages come from the whole batch)
     lr: float = 3e-4
+    lr_warmup_steps: int = 0            # RL learning rate ramps linearly from lr/N to lr over the first N steps
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
@@ -69,9 +75,19 @@ class TrainConfig:
             raise ValueError(f"rollout: got {self.rollout!r}, expected 'hf' or 'vllm'")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch: got {self.micro_batch!r}, expected an int >= 1")
-        for name in ("steps", "group_size", "prompts_per_step", "updates_per_batch", "max_new_tokens"):
+        for name in ("steps", "group_size", "prompts_per_step", "updates_per_batch", "max_new_tokens", "seeds",
+                     "jobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}, expected >= 1")
+        for name in ("seeds", "jobs"):
+            if getattr(self, name) > 1 and not self.compare:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; more than 1 needs --compare (one run is one seed)")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps: got {self.lr_warmup_steps!r}, expected >= 0")
+        if self.first_token_top_n < 0:
+            raise ValueError(f"first_token_top_n: got {self.first_token_top_n!r}, expected >= 0 (0 = off)")
+        if self.first_token_top_n and self.rollout != "hf":
+            raise ValueError(f"first_token_top_n: supported by the 'hf' rollout only, got rollout={self.rollout!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,10 @@ Task kinds (``TrainConfig.task``), each with difficulty ``level`` 1..3:
     arith      multi-step expressions; level L has L operators (level 1: single digits, + and -)
     word       short word problems ("Ann has 3 pens and gets 4 more. How many pens?")
     countdown  reach a target from given numbers; the answer is an expression ("#3*5+7")
-    mix        all three
+    chain      a running total: level L has 2L single-digit + / - steps, each worked on the
+               scratchpad (" 7+5=12;12-3=9;9+8=17;17-2=15#15"); level 2 solutions are 20-35 tokens,
+               level 3 30-50, and one wrong step anywhere makes the answer wrong
+    mix        arith, word and countdown
     FILE.jsonl one {"prompt": ..., "answer": ...} object per line (optional "solution");
                answers checked by math-verify when installed, else by exact match
 
@@ -220,7 +223,24 @@ def make_countdown(rng: random.Random, level: int) -> Problem:
                    f" {';'.join(steps)}#{expression}", "countdown", tuple(numbers))
 
 
-GENERATORS: dict = {"arith": make_arith, "word": make_word, "countdown": make_countdown}
+def make_chain(rng: random.Random, level: int) -> Problem:
+    """A start digit, then 2 x level steps of +/- a digit 1..9, left to right; the running total never goes
+    below 0 (a step is '-' only when the total is at least the digit). One scratchpad step per operator."""
+    total = rng.randint(1, 9)
+    expression, steps = str(total), []
+    for _ in range(2 * level):
+        b = rng.randint(1, 9)
+        op = rng.choice("+-") if total >= b else "+"
+        new = total + b if op == "+" else total - b
+        steps.append(f"{total}{op}{b}={new}")
+        expression += f"{op}{b}"
+        total = new
+    return Problem(PROMPT_TEMPLATE.format(question=f"{expression}=?"), str(total),
+                   f" {';'.join(steps)}#{total}", "chain")
+
+
+GENERATORS: dict = {"arith": make_arith, "word": make_word, "countdown": make_countdown, "chain": make_chain}
+MIX_KINDS = ("arith", "word", "countdown")
 
 
 def load_jsonl(path: str, template: str = PROMPT_TEMPLATE) -> List[Problem]:
@@ -256,7 +276,7 @@ class TaskSource:
             self.eval_problems, self.pool = problems[:num_eval], problems[num_eval:] or problems
             self._make: Optional[Callable] = None
             return
-        kinds = list(GENERATORS) if task == "mix" else [task]
+        kinds = list(MIX_KINDS) if task == "mix" else [task]
         if any(k not in GENERATORS for k in kinds):
             raise ValueError(f"task: got {task!r}, expected one of {sorted(GENERATORS)}, 'mix' or a .jsonl path")
         if not 1 <= level <= 3:

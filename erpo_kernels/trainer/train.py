@@ -183,8 +183,9 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
         step_start = time.time()
         # 1. rollout: G samples for each prompt, rows of a group consecutive
         problems = source.batch(step, cfg.prompts_per_step)
+        explore = dict(first_token_top_n=cfg.first_token_top_n) if cfg.first_token_top_n else {}
         rollout = engine.generate(model, [p.prompt for p in problems], cfg.group_size, cfg.temperature,
-                                  cfg.max_new_tokens)
+                                  cfg.max_new_tokens, **explore)
         # 2. reward: verifiable correctness (+ optional format bonus)
         owners = [problems[row // cfg.group_size] for row in range(len(rollout.completions))]
         rewards = torch.tensor([reward(p, text, cfg.format_reward) for p, text in zip(owners, rollout.completions)],
@@ -192,6 +193,9 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
         # 3. old-policy log-probs and entropy, reference log-probs: fused, from hidden states
         old = sequence_stats(model, rollout, cfg.temperature)
         ref = sequence_stats(reference, rollout, cfg.temperature) if reference is not None else None
+        if cfg.lr_warmup_steps:  # a function of the step alone, so a resumed run gets the same schedule
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, step / cfg.lr_warmup_steps)
         # 4. updates: erpo_loss (token advantages inside) -> backward -> guarded optimizer step
         updates = [update(model, optimizer, rollout, rewards, old, ref, cfg, config)
                    for _ in range(cfg.updates_per_batch)]
