@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import typing
 
 from erpo_kernels.trainer.checkpoint import read_metrics
 from erpo_kernels.trainer.config import TrainConfig
@@ -165,26 +166,46 @@ def plot_runs(runs: dict, out_dir: str, smooth: int = 10) -> list:
 
 
 def parse_entries(text: str) -> list:
-    """``"grpo,erpo,erpo+ft4"`` -> [(label, algo, first_token_top_n)]; ValueError naming --compare if bad."""
-    from erpo_kernels.trainer.config import ALGOS
+    """``"grpo,erpo,erpo+ft4,erpo+progress_eta=0"`` -> [(label, algo, {field: value})]: ALGO, then any number of
+    ``+ftN`` (first_token_top_n=N) or ``+field=value`` (a TrainConfig field); ValueError naming --compare."""
+    from erpo_kernels.trainer.config import ALGOS, TrainConfig, _convert
 
+    hints = typing.get_type_hints(TrainConfig)
     entries = []
     for label in (part.strip() for part in text.split(",")):
         if not label:
             continue
-        algo, _, extra = label.partition("+")
-        top_n = None
-        if extra:
-            if not (extra.startswith("ft") and extra[2:].isdigit() and int(extra[2:]) > 0):
-                raise ValueError(f"--compare: entry {label!r}: expected ALGO or ALGO+ftN (N >= 1)")
-            top_n = int(extra[2:])
+        algo, *extras = label.split("+")
         if algo not in ALGOS:
             raise ValueError(f"--compare: entry {label!r}: algo must be one of {ALGOS}")
-        entries.append((label, algo, top_n))
+        changes = {}
+        for extra in extras:
+            key, has_value, value = extra.partition("=")
+            if not has_value and key.startswith("ft") and key[2:].isdigit() and int(key[2:]) > 0:
+                changes["first_token_top_n"] = int(key[2:])
+            elif has_value and key in hints and key not in ("algo", "compare", "seed", "seeds", "jobs", "out_dir"):
+                try:
+                    changes[key] = _convert(key, hints[key], value)
+                except ValueError as e:
+                    raise ValueError(f"--compare: entry {label!r}: {e}") from None
+            else:
+                raise ValueError(f"--compare: entry {label!r}: expected ALGO[+ftN][+field=value...] (N >= 1)")
+        entries.append((label, algo, changes))
     labels = [e[0] for e in entries]
     if len(entries) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"--compare needs two or more distinct entries of {ALGOS} (or ALGO+ftN), got {text!r}")
     return entries
+
+
+def plan_runs(cfg: TrainConfig, entries: list) -> list:
+    """[(label, seed, run config)]: every entry on every seed, same budget; seed-major order."""
+    plan = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        for label, algo, extra in entries:
+            out = os.path.join(cfg.out_dir, label) if cfg.seeds == 1 else os.path.join(cfg.out_dir, label, f"seed{seed}")
+            plan.append((label, seed, cfg.replace(**extra, algo=algo, compare="", seeds=1, jobs=1, seed=seed,
+                                                  out_dir=out)))
+    return plan
 
 
 def _run(run_cfg: TrainConfig) -> dict:
@@ -194,21 +215,14 @@ def _run(run_cfg: TrainConfig) -> dict:
 
 
 def compare(cfg: TrainConfig, algos: list) -> dict:
-    """Train every entry of ``algos`` (names, or (label, algo, first_token_top_n) from ``parse_entries``) on the
+    """Train every entry of ``algos`` (names, or (label, algo, changes) from ``parse_entries``) on the
     same seeds (cfg.seed ... cfg.seed + cfg.seeds - 1), budget and warm-up; ``cfg.jobs`` runs at once in
     separate processes. Writes out_dir/<label>/ (one seed) or out_dir/<label>/seed<s>/ per run, then
     compare.md (per-run table, and mean +- std across seeds when seeds > 1) and the PNG plots."""
-    entries = [e if isinstance(e, tuple) else (e, e, None) for e in algos]
+    entries = [e if isinstance(e, tuple) else (e, e, {}) for e in algos]
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     start = time.time()
-    plan = []
-    for seed in seeds:
-        for label, algo, top_n in entries:
-            out = os.path.join(cfg.out_dir, label) if cfg.seeds == 1 else os.path.join(cfg.out_dir, label, f"seed{seed}")
-            changes = dict(algo=algo, compare="", seeds=1, jobs=1, seed=seed, out_dir=out)
-            if top_n is not None:
-                changes["first_token_top_n"] = top_n
-            plan.append((label, seed, cfg.replace(**changes)))
+    plan = plan_runs(cfg, entries)
     results = {}
     if cfg.jobs == 1:
         for label, seed, run_cfg in plan:

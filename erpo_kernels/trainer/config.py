@@ -40,6 +40,8 @@ class TrainConfig:
     warmup_steps: int = 150             # 0 to skip; skipped anyway for a local --model
     warmup_batch: int = 32
     warmup_lr: float = 3e-3
+    warmup_levels: List[int] = field(default_factory=list)  # levels the warm-up draws from; [] = `level`. E.g.
+                                        # --level=2 --warmup_levels=1,3: the format, never a level-2 problem
     # --- rollout ------------------------------------------------------------------------------
     rollout: str = "hf"                 # "hf" (model.generate) or "vllm" (extra `vllm`)
     prompts_per_step: int = 16
@@ -59,6 +61,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     kl_beta: float = 0.0                # KL to the frozen reference (ERPOConfig.kl_beta)
     entropy_coef: float = 0.0
+    gate_gamma: float = 5.0             # ERPO/EP-GRPO entropy-gate sharpness (ERPOConfig.gate_gamma)
+    progress_eta: float = 0.2           # weight of the progress term (ERPOConfig.progress_eta); 0 = gate only
     eps_low: float = 0.2
     eps_high: float = 0.28
     backend: str = "auto"               # erpo_kernels backend: "auto" = Triton on CUDA, chunked torch on CPU
@@ -82,6 +86,8 @@ class TrainConfig:
         for name in ("seeds", "jobs"):
             if getattr(self, name) > 1 and not self.compare:
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; more than 1 needs --compare (one run is one seed)")
+        if any(not 1 <= level <= 3 for level in self.warmup_levels):
+            raise ValueError(f"warmup_levels: got {self.warmup_levels!r}, expected levels 1, 2 or 3")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps: got {self.lr_warmup_steps!r}, expected >= 0")
         if self.first_token_top_n < 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erpo_kernels.trainer.cli import main
-from erpo_kernels.trainer.compare import mean_std, parse_entries, spread_table
+from erpo_kernels.trainer.compare import mean_std, parse_entries, plan_runs, spread_table
 from erpo_kernels.trainer.config import TrainConfig, parse_args
 from erpo_kernels.trainer.models import build_preset
 from erpo_kernels.trainer.rollout import HFRollout
@@ -82,12 +82,23 @@ def test_bad_arguments_name_the_argument(argv, name):
 
 
 def test_compare_entries():
-    assert parse_entries("grpo, erpo,erpo+ft4") == [("grpo", "grpo", None), ("erpo", "erpo", None),
-                                                     ("erpo+ft4", "erpo", 4)]
-    for bad in ("erpo", "grpo,nope", "grpo,erpo+ft0", "grpo,erpo+x4", "grpo,grpo"):
+    assert parse_entries("grpo, erpo,erpo+ft4,erpo+progress_eta=0+ft2") == [
+        ("grpo", "grpo", {}), ("erpo", "erpo", {}), ("erpo+ft4", "erpo", {"first_token_top_n": 4}),
+        ("erpo+progress_eta=0+ft2", "erpo", {"progress_eta": 0.0, "first_token_top_n": 2})]
+    for bad in ("erpo", "grpo,nope", "grpo,erpo+ft0", "grpo,erpo+x4", "grpo,grpo", "grpo,erpo+seed=3",
+                "grpo,erpo+progress_eta=abc", "grpo,erpo+nope=1"):
         with pytest.raises(ValueError, match="--compare"):
             parse_entries(bad)
     assert main(["--compare=grpo,erpo+top4"]) == 2
+    cfg = parse_args(["--compare=grpo,erpo+ft4+progress_eta=0", "--seeds=2", "--seed=5", "--steps=7", "--out_dir=o"])
+    plan = plan_runs(cfg, parse_entries(cfg.compare))
+    assert [(label, seed) for label, seed, _ in plan] == [("grpo", 5), ("erpo+ft4+progress_eta=0", 5),
+                                                          ("grpo", 6), ("erpo+ft4+progress_eta=0", 6)]
+    for label, seed, run in plan:
+        assert run.seed == seed and run.steps == 7 and run.compare == "" and run.seeds == 1
+        assert run.out_dir == f"o/{label}/seed{seed}"
+        assert (run.algo, run.first_token_top_n, run.progress_eta) == (
+            ("grpo", 0, 0.2) if label == "grpo" else ("erpo", 4, 0.0))
 
 
 def test_first_token_is_uniform_over_the_top_n_and_the_rest_is_sampled():

@@ -111,8 +111,8 @@ def test_jsonl_source(tmp_path):
 
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_chain_is_a_worked_running_total(level):
-    """2 x level steps, each 'total op digit = new total' and the next step starts from it; totals never go
-    below 0; solutions of level 2 and 3 are 20-60 tokens (one token per character, plus EOS)."""
+    """2 x level steps, each 'total op digit = new total' and the next step starts from it; totals stay digits
+    0..9; solutions of level 2 and 3 are 20-60 tokens (one token per character, plus EOS)."""
     rng = random.Random(10 + level)
     lengths = []
     for _ in range(300):
@@ -125,7 +125,7 @@ def test_chain_is_a_worked_running_total(level):
         rest = expression[len(str(total)):]
         for step, (op, digit) in zip(steps, re.findall(r"([+-])(\d)", rest)):
             new = total + int(digit) if op == "+" else total - int(digit)
-            assert step == f"{total}{op}{digit}={new}" and new >= 0
+            assert step == f"{total}{op}{digit}={new}" and 0 <= new <= 9
             total = new
         assert str(total) == problem.answer
         lengths.append(len(problem.solution) + 1)
