@@ -1,6 +1,6 @@
 """TrainConfig: every knob of ``erpo-train`` in one typed dataclass, with ``--key=value`` overrides.
 
-The defaults finish on a 2-core CPU in a few minutes (the tiny preset, level-1 arithmetic).
+The defaults finish on a 2-core CPU in under 3 minutes (the tiny preset, level-1 chains: two worked steps).
 Overrides are parsed by the field's type (no ``exec``): ``--steps=100``, ``--algo grpo``,
 ``--resume`` (a bare flag sets a bool to True), ``--model=/path/to/hf_dir``.
 """
@@ -31,13 +31,13 @@ class TrainConfig:
     model: str = "tiny"                 # preset ("tiny", "tiny-llama", "small", "base") or local HF dir
     dtype: str = "float32"              # parameter dtype ("bfloat16" on a GPU)
     # --- task ---------------------------------------------------------------------------------
-    task: str = "arith"                 # "arith" | "word" | "countdown" | "mix" | path to a .jsonl
+    task: str = "chain"                 # "chain" | "arith" | "word" | "countdown" | "mix" | path to a .jsonl
     level: int = 1                      # difficulty 1..3 of the generated tasks
     format_reward: float = 0.0          # added to the reward for a well-formed "<work>#<answer>"
-    max_new_tokens: int = 16            # completion budget per sample
+    max_new_tokens: int = 24            # completion budget per sample (chain level 2 needs 27+: use 40)
     num_eval: int = 64                  # held-out problems (never seen in training)
     # --- supervised warm-up (gives a fresh preset non-zero reward before RL) -------------------
-    warmup_steps: int = 150             # 0 to skip; skipped anyway for a local --model
+    warmup_steps: int = 200             # 0 to skip; skipped anyway for a local --model
     warmup_batch: int = 32
     warmup_lr: float = 3e-3
     warmup_levels: List[int] = field(default_factory=list)  # levels the warm-up draws from; [] = `level`. E.g.
@@ -46,12 +46,13 @@ class TrainConfig:
     rollout: str = "hf"                 # "hf" (model.generate) or "vllm" (extra `vllm`)
     prompts_per_step: int = 16
     group_size: int = 8                 # G samples per prompt
-    temperature: float = 1.0            # sampling temperature; the loss uses the same one
+    temperature: float = 0.5            # sampling temperature; the loss uses the same one (at 1.0 the tiny
+                                        # model's samples are too noisy for RL to move the greedy accuracy)
     first_token_top_n: int = 0          # REFT-style exploration: first response token uniform over the policy's
                                         # top-N (training rollouts only, hf rollout); 0 = off
     # --- RL update ----------------------------------------------------------------------------
     algo: str = "erpo"                  # "erpo" | "ep_grpo" | "grpo" | "dapo" | "dr_grpo"
-    steps: int = 300                    # rollout batches
+    steps: int = 500                    # rollout batches
     updates_per_batch: int = 2          # optimizer steps on each batch (PPO-style reuse)
     micro_batch: int = 64               # rows per forward/backward (any size: advantages come from the whole batch)
     lr: float = 3e-4
