@@ -88,7 +88,8 @@ def compare_table(summaries: list, pass_k: int) -> str:
 # (summary key, column title) of the across-seeds table
 SPREAD_COLUMNS = [("reward_end", "train reward end"), ("eval_accuracy_start", "eval acc start"),
                   ("eval_accuracy_end", "eval acc end"), ("pass_at_k_end", "pass@{k} end"),
-                  ("entropy_end", "entropy end"), ("length_end", "length end"), ("wall_time_s", "time (s)")]
+                  ("entropy_start", "entropy start"), ("entropy_end", "entropy end"), ("length_end", "length end"),
+                  ("wall_time_s", "time (s)")]
 
 
 def mean_std(values) -> tuple:
@@ -220,7 +221,6 @@ def compare(cfg: TrainConfig, algos: list) -> dict:
     separate processes. Writes out_dir/<label>/ (one seed) or out_dir/<label>/seed<s>/ per run, then
     compare.md (per-run table, and mean +- std across seeds when seeds > 1) and the PNG plots."""
     entries = [e if isinstance(e, tuple) else (e, e, {}) for e in algos]
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     start = time.time()
     plan = plan_runs(cfg, entries)
     results = {}
@@ -244,9 +244,19 @@ def compare(cfg: TrainConfig, algos: list) -> dict:
                 label, seed = futures[future]
                 results[(label, seed)] = future.result()
                 bar.write(f"done: {label} seed {seed} ({results[(label, seed)]['wall_time_s']:.0f} s)")
+    report = write_report(cfg, entries, plan)
+    print(f"\n{report['spread'] or report['table']}\n\nplots: {', '.join(report['plots'])}\n"
+          f"total {time.time() - start:.0f} s", flush=True)
+    return report
+
+
+def write_report(cfg: TrainConfig, entries: list, plan: list) -> dict:
+    """compare.md and the plots in cfg.out_dir from the runs' summary.json and metrics.jsonl on disk."""
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     summaries, groups, runs = [], {}, {}
     for label, seed, run_cfg in plan:
-        summary = dict(results[(label, seed)], label=label)
+        with open(os.path.join(run_cfg.out_dir, "summary.json")) as f:
+            summary = dict(json.load(f), label=label)
         summaries.append(summary)
         groups.setdefault(label, []).append(summary)
         runs.setdefault(label, []).append(read_metrics(os.path.join(run_cfg.out_dir, "metrics.jsonl")))
@@ -259,10 +269,9 @@ def compare(cfg: TrainConfig, algos: list) -> dict:
         f.write(f"# erpo-train --compare {','.join(e[0] for e in entries)} ({seed_text}, {cfg.steps} steps, "
                 f"{cfg.model}, task {cfg.task} level {cfg.level})\n\n")
         if cfg.seeds > 1:
-            f.write(f"Mean +- std (n-1) across {cfg.seeds} seeds; ends are means of the last 10 steps (reward, "
-                    f"entropy, length) or the final evaluation (accuracy, pass@k).\n\n{spread}\n\nPer run:\n\n")
+            f.write(f"Mean +- std (n-1) across {cfg.seeds} seeds; starts and ends are means of the first / last "
+                    f"10 steps (reward, entropy, length) or the first / final evaluation (accuracy, pass@k)."
+                    f"\n\n{spread}\n\nPer run:\n\n")
         f.write(f"{table}\n\n")
         f.write("\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots) + "\n")
-    shown = spread if cfg.seeds > 1 else table
-    print(f"\n{shown}\n\nplots: {', '.join(plots)}\ntotal {time.time() - start:.0f} s", flush=True)
     return {"summaries": summaries, "table": table, "spread": spread if cfg.seeds > 1 else None, "plots": plots}

@@ -1,8 +1,9 @@
 """erpo-train: a minimal RL trainer that shows ``erpo_loss`` doing its job on a real model.
 
-    erpo-train                                   # tiny preset, arithmetic, ERPO; < 5 min on 2 CPU cores
+    erpo-train                                   # tiny preset, 2-step chains, ERPO; < 5 min on 2 CPU cores
     erpo-train --algo=grpo --steps=100           # any TrainConfig field as --key=value
     erpo-train --compare grpo,erpo               # same seed and budget; table + plots in out_dir
+    erpo-train --compare grpo,erpo,erpo+ft2 --seeds 3 --jobs 2   # mean +- std across seeds, band plots
     erpo-train --model=/path/to/hf_model --task=data.jsonl --warmup_steps=0
     erpo-train --rollout=vllm                    # vLLM sampling, weights pushed after each update
     erpo-train --out_dir=runs/x --resume         # continue exactly from runs/x/ckpt

@@ -63,12 +63,14 @@ def test_mean_std_is_the_sample_std():
     assert mean_std([0.5]) == (0.5, 0.0)
     assert mean_std([None, 4.0, 2.0]) == pytest.approx((3.0, 2 ** 0.5))
     table = spread_table({"a": [{"reward_end": 1.0, "eval_accuracy_start": 0.0, "eval_accuracy_end": 0.5,
-                                 "pass_at_k_end": 1.0, "entropy_end": 0.2, "length_end": 4.0, "wall_time_s": 3},
+                                 "pass_at_k_end": 1.0, "entropy_start": 0.3, "entropy_end": 0.2, "length_end": 4.0,
+                                 "wall_time_s": 3},
                                 {"reward_end": 0.0, "eval_accuracy_start": 0.0, "eval_accuracy_end": 0.25,
-                                 "pass_at_k_end": 1.0, "entropy_end": 0.4, "length_end": 6.0, "wall_time_s": 5}]},
+                                 "pass_at_k_end": 1.0, "entropy_start": 0.5, "entropy_end": 0.4, "length_end": 6.0,
+                                 "wall_time_s": 5}]},
                          pass_k=4)
-    assert "| a | 2 | 0.500 +- 0.707 | 0.000 +- 0.000 | 0.375 +- 0.177 | 1.000 +- 0.000 | 0.300 +- 0.141 | " \
-           "5.000 +- 1.414 | 4 +- 1 |" in table
+    assert "| a | 2 | 0.500 +- 0.707 | 0.000 +- 0.000 | 0.375 +- 0.177 | 1.000 +- 0.000 | 0.400 +- 0.141 | " \
+           "0.300 +- 0.141 | 5.000 +- 1.414 | 4 +- 1 |" in table
     assert "pass@4 end" in table
 
 
