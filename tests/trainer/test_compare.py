@@ -144,3 +144,16 @@ def test_train_with_first_token_top_n(tmp_path, monkeypatch):
     train(cfg)
     assert 2 in seen  # the training rollout
     assert all(n in (0, 2) for n in seen) and 0 in seen  # evaluation samples plainly
+
+
+def test_jobs_2_gives_the_same_runs_as_one_by_one(tmp_path):
+    """--jobs 2 (spawned processes) trains the same runs as --jobs 1: every summary equal but the wall time."""
+    common = ["--compare=grpo,erpo", "--steps=1", "--warmup_steps=5", "--prompts_per_step=2", "--group_size=2",
+              "--micro_batch=4", "--num_eval=2", "--pass_k=1", "--eval_every=0", "--ckpt_every=0",
+              "--max_new_tokens=4", "--progress=false"]
+    for jobs in (1, 2):
+        assert main([f"--out_dir={tmp_path / str(jobs)}", f"--jobs={jobs}", *common]) == 0
+    for algo in ("grpo", "erpo"):
+        one, two = (json.loads((tmp_path / str(j) / algo / "summary.json").read_text()) for j in (1, 2))
+        one.pop("wall_time_s"), two.pop("wall_time_s")
+        assert one == two and one["algo"] == algo
