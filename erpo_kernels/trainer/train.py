@@ -235,7 +235,7 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
                "accuracy": sum(map(is_correct, owners, rollout.completions)) / len(owners),
                "format": sum(map(is_well_formed, rollout.completions)) / len(owners),
                "entropy": float((old.entropy * mask).sum() / mask.sum().clamp_min(1)),
-               "response_length": float(rollout.lengths.float().mean())}
+               "response_length": float(rollout.lengths.float().mean()), "lr": optimizer.param_groups[0]["lr"]}
         for key in updates[0]:  # the loss's metrics, averaged over the updates (rollout stats win)
             row.setdefault(key, sum(u[key] for u in updates) / len(updates))
         row["skipped"] = sum(u["skipped"] for u in updates)

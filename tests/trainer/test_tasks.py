@@ -182,3 +182,21 @@ def test_config_overrides():
 def test_exact_match_fallback(given, ok):
     from erpo_kernels.trainer.tasks import exact_match
     assert exact_match(given, "1/2") is ok
+
+
+def test_warmup_levels_draw_only_those_levels_and_skip_held_out():
+    from erpo_kernels.trainer.tasks import WarmupSource
+
+    source = TaskSource("chain", level=2, seed=1, num_eval=16)
+    warm = WarmupSource(source, [1, 3])
+    batch = warm.batch(0, 200)
+    steps = {p.solution.count("=") for p in batch}
+    assert steps == {2, 6}  # levels 1 and 3: 2 and 6 worked steps, never level 2's 4
+    assert warm.batch(0, 200) == batch and warm.batch(1, 200) != batch
+    held_out = {p.prompt for p in source.eval_problems}
+    source_1 = TaskSource("chain", level=1, seed=1, num_eval=16)
+    warm_1 = WarmupSource(source_1, [1])
+    assert not {p.prompt for p in warm_1.batch(3, 300)} & {p.prompt for p in source_1.eval_problems}
+    assert held_out  # the level-2 source holds problems out too
+    with pytest.raises(ValueError, match="warmup_levels"):
+        TrainConfig(warmup_levels=[4])

@@ -250,3 +250,14 @@ def test_advantage_metrics_by_hand():
     assert m["bucket_thin_frac"] == 0.0
     assert m["cov_logp_adv"] == pytest.approx(0.096)           # by hand: sum of 5 centred products / 5
     assert m["zero_var_groups"] == 0.0 and m["gate_mean"] == pytest.approx(0.5)
+
+
+def test_lr_warmup_ramps_the_rl_learning_rate(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=3, lr=1e-3, lr_warmup_steps=2, warmup_steps=0,
+                      prompts_per_step=1, group_size=2, micro_batch=4, num_eval=1, pass_k=1, eval_every=0,
+                      ckpt_every=0, max_new_tokens=3, progress=False)
+    train(cfg)
+    lrs = [r["lr"] for r in read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")) if "lr" in r]
+    assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        TrainConfig(lr_warmup_steps=-1)
