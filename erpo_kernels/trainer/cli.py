@@ -23,7 +23,7 @@ def usage() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from erpo_kernels.trainer.config import ALGOS, describe, parse_args
+    from erpo_kernels.trainer.config import describe, parse_args
 
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
@@ -36,14 +36,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(f"erpo-train {describe(cfg)}", flush=True)
     if cfg.compare:
-        from erpo_kernels.trainer.compare import compare
+        from erpo_kernels.trainer.compare import compare, parse_entries
 
-        algos = [a.strip() for a in cfg.compare.split(",") if a.strip()]
-        unknown = [a for a in algos if a not in ALGOS]
-        if unknown or len(algos) < 2:
-            print(f"erpo-train: --compare needs two or more of {ALGOS}, got {cfg.compare!r}", file=sys.stderr)
+        try:
+            entries = parse_entries(cfg.compare)
+        except ValueError as e:
+            print(f"erpo-train: {e}", file=sys.stderr)
             return 2
-        compare(cfg, algos)
+        compare(cfg, entries)
     else:
         from erpo_kernels.trainer.train import train
 

@@ -88,6 +88,15 @@ def policy_hidden(model, rollout: Rollout) -> Tensor:
     return out.last_hidden_state[:, rollout.prompt_length - 1:]
 
 
+def first_token_from_top_n(model, prompt_ids: Tensor, prompt_mask: Tensor, top_n: int) -> Tensor:
+    """[B] a token per row, uniform over the ``top_n`` most likely next tokens after the (left-padded) prompt."""
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                   use_cache=False).logits[:, -1]
+    candidates = logits.topk(min(top_n, logits.shape[-1]), dim=-1).indices                 # [B, N]
+    pick = torch.randint(0, candidates.shape[1], (candidates.shape[0],), device=candidates.device)
+    return candidates.gather(1, pick[:, None])[:, 0]
+
+
 class HFRollout:
     """Sampling with ``model.generate``: plain multinomial sampling at ``temperature`` (no top-k/top-p)."""
 
@@ -96,7 +105,13 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, model, prompts: Sequence[str], group_size: int, temperature: float,
-                 max_new_tokens: int, greedy: bool = False) -> Rollout:
+                 max_new_tokens: int, greedy: bool = False, first_token_top_n: int = 0) -> Rollout:
+        """``first_token_top_n`` > 0 (REFT-style exploration, sampling only): the first completion token is
+        drawn uniformly from the policy's N most likely first tokens, the rest by plain sampling from the
+        policy. The loss still sees the policy's own log-prob of that token (its ratio to the old policy is
+        on-policy as usual; only the sampling of position 0 differs from the policy)."""
+        if first_token_top_n < 0:
+            raise ValueError(f"first_token_top_n: got {first_token_top_n!r}, expected >= 0 (0 = off)")
         rows = [p for p in prompts for _ in range(group_size)]
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, rows, device)
@@ -104,9 +119,18 @@ class HFRollout:
         model.eval()
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
                                                              top_k=0, top_p=1.0)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                             **sampling)
+        special = dict(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if first_token_top_n and not greedy:
+            first = first_token_from_top_n(model, prompt_ids, prompt_mask, first_token_top_n)
+            ids = torch.cat([prompt_ids, first[:, None]], dim=1)
+            mask = torch.cat([prompt_mask, torch.ones_like(first)[:, None]], dim=1)
+            if max_new_tokens > 1:
+                ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens - 1,
+                                     **special, **sampling)
+            out = ids
+        else:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                                 **special, **sampling)
         model.train(was_training)
         return _assemble(prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], self.tokenizer)
 

@@ -10,7 +10,10 @@ Task kinds (``TrainConfig.task``), each with difficulty ``level`` 1..3:
     arith      multi-step expressions; level L has L operators (level 1: single digits, + and -)
     word       short word problems ("Ann has 3 pens and gets 4 more. How many pens?")
     countdown  reach a target from given numbers; the answer is an expression ("#3*5+7")
-    mix        all three
+    chain      a running total of digits: level L has 2L + / - steps, the total always 0..9, each step
+               worked on the scratchpad (" 7+2=9;9-3=6;6+1=7;7-5=2#2"); level 2 solutions are 27
+               tokens, level 3 39 (with EOS), and one wrong step anywhere makes the answer wrong
+    mix        arith, word and countdown
     FILE.jsonl one {"prompt": ..., "answer": ...} object per line (optional "solution");
                answers checked by math-verify when installed, else by exact match
 
@@ -220,7 +223,26 @@ def make_countdown(rng: random.Random, level: int) -> Problem:
                    f" {';'.join(steps)}#{expression}", "countdown", tuple(numbers))
 
 
-GENERATORS: dict = {"arith": make_arith, "word": make_word, "countdown": make_countdown}
+def make_chain(rng: random.Random, level: int) -> Problem:
+    """A start digit, then 2 x level steps of + or - a digit 1..9, left to right, the running total always a
+    digit 0..9 (a step is drawn again until it stays in range). Every step is one of ~90 single-digit facts,
+    so the skill is shared by all problems; what is hard is getting every step of the chain right."""
+    total = rng.randint(0, 9)
+    expression, steps = str(total), []
+    while len(steps) < 2 * level:
+        b, op = rng.randint(1, 9), rng.choice("+-")
+        new = total + b if op == "+" else total - b
+        if not 0 <= new <= 9:
+            continue
+        steps.append(f"{total}{op}{b}={new}")
+        expression += f"{op}{b}"
+        total = new
+    return Problem(PROMPT_TEMPLATE.format(question=f"{expression}=?"), str(total),
+                   f" {';'.join(steps)}#{total}", "chain")
+
+
+GENERATORS: dict = {"arith": make_arith, "word": make_word, "countdown": make_countdown, "chain": make_chain}
+MIX_KINDS = ("arith", "word", "countdown")
 
 
 def load_jsonl(path: str, template: str = PROMPT_TEMPLATE) -> List[Problem]:
@@ -256,7 +278,7 @@ class TaskSource:
             self.eval_problems, self.pool = problems[:num_eval], problems[num_eval:] or problems
             self._make: Optional[Callable] = None
             return
-        kinds = list(GENERATORS) if task == "mix" else [task]
+        kinds = list(MIX_KINDS) if task == "mix" else [task]
         if any(k not in GENERATORS for k in kinds):
             raise ValueError(f"task: got {task!r}, expected one of {sorted(GENERATORS)}, 'mix' or a .jsonl path")
         if not 1 <= level <= 3:
@@ -282,5 +304,27 @@ class TaskSource:
         while len(out) < n:
             problem = self._make(rng)
             if problem.prompt not in self._held_out:
+                out.append(problem)
+        return out
+
+
+class WarmupSource:
+    """The warm-up's problems drawn from other levels of the same task (``TrainConfig.warmup_levels``): each
+    problem's level is picked at random from ``levels``; prompts held out by the RL source are skipped too.
+    With levels that exclude the RL level the warm-up teaches the format and the step skills, never a
+    problem of the trained distribution."""
+
+    def __init__(self, source: TaskSource, levels: List[int]):
+        if source._make is None:
+            raise ValueError("warmup_levels: needs a generated task, not a .jsonl file")
+        self.levels, self.source = list(levels), source
+        self._sources = {level: TaskSource(source.task, level, source.seed, num_eval=0) for level in self.levels}
+
+    def batch(self, step: int, n: int, stream: str = "sft") -> List[Problem]:
+        rng = random.Random(f"{stream}-levels-{self.source.seed}-{step}")
+        out = []
+        while len(out) < n:
+            problem = self._sources[rng.choice(self.levels)]._make(rng)
+            if problem.prompt not in self.source._held_out:
                 out.append(problem)
         return out

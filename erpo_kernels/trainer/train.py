@@ -1,8 +1,9 @@
 """erpo-train: a minimal RL trainer that shows ``erpo_loss`` doing its job on a real model.
 
-    erpo-train                                   # tiny preset, arithmetic, ERPO; < 5 min on 2 CPU cores
+    erpo-train                                   # tiny preset, 2-step chains, ERPO; < 5 min on 2 CPU cores
     erpo-train --algo=grpo --steps=100           # any TrainConfig field as --key=value
     erpo-train --compare grpo,erpo               # same seed and budget; table + plots in out_dir
+    erpo-train --compare grpo,erpo,erpo+ft2 --seeds 3 --jobs 2   # mean +- std across seeds, band plots
     erpo-train --model=/path/to/hf_model --task=data.jsonl --warmup_steps=0
     erpo-train --rollout=vllm                    # vLLM sampling, weights pushed after each update
     erpo-train --out_dir=runs/x --resume         # continue exactly from runs/x/ckpt
@@ -28,7 +29,7 @@ from erpo_kernels.trainer.config import TrainConfig
 from erpo_kernels.trainer.evaluate import evaluate
 from erpo_kernels.trainer.models import backbone_and_head, load_model, save_model
 from erpo_kernels.trainer.rollout import HFRollout, Rollout, VLLMRollout, policy_hidden
-from erpo_kernels.trainer.tasks import TaskSource, is_correct, is_well_formed, reward
+from erpo_kernels.trainer.tasks import TaskSource, WarmupSource, is_correct, is_well_formed, reward
 from erpo_kernels.trainer.warmup import warmup
 
 
@@ -43,6 +44,7 @@ def loss_config(cfg: TrainConfig) -> ERPOConfig:
     every micro-batch."""
     return ERPOConfig(mode=cfg.algo, temperature=cfg.temperature, kl_beta=cfg.kl_beta,
                       entropy_coef=cfg.entropy_coef, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                      gate_gamma=cfg.gate_gamma, progress_eta=cfg.progress_eta,
                       max_length=cfg.max_new_tokens)
 
 
@@ -77,7 +79,7 @@ def update(model, optimizer, rollout: Rollout, rewards, old, ref, cfg: TrainConf
                           group_size=cfg.group_size, config=config)
     normalizer = total_tokens if config.aggregation in ("token_mean", "holder") else float(total_rows)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, metrics, finite = 0.0, advantage_metrics(adv, mask, cfg.group_size), True
+    loss_sum, metrics, finite = 0.0, advantage_metrics(adv, mask, cfg.group_size, old.logprobs), True
     for start in range(0, total_rows, cfg.micro_batch):
         rows = slice(start, start + cfg.micro_batch)
         micro = rollout.select(rows)
@@ -100,15 +102,41 @@ def update(model, optimizer, rollout: Rollout, rewards, old, ref, cfg: TrainConf
     return metrics
 
 
-def advantage_metrics(adv, mask, group_size: int) -> dict:
-    """Metrics of the advantage synthesis on the whole batch: gate, progress signal, zero-variance groups."""
+def advantage_metrics(adv, mask, group_size: int, old_logprobs=None) -> dict:
+    """Metrics of the advantage synthesis on the whole batch: gate, progress signal, zero-variance groups, and
+    the diagnostics of entropy dynamics:
+    - cov_logp_adv: token covariance of the old log-prob and the advantage. To first order a policy-gradient
+      step changes the entropy by about minus this covariance (positive: confident tokens reinforced, entropy
+      falls); it is how the token advantages of each algorithm push the entropy.
+    - outcome_share: sum |gate * A_seq| / sum |A| over tokens (1 without a progress term);
+      progress_flip_frac: share of tokens whose advantage sign differs from the outcome's (progress term wins).
+    - bucket_cell_tokens: mean masked tokens per non-empty (group, bucket) cell; bucket_thin_frac: share of
+      tokens in cells of one token (their normalized signal is 0)."""
     m = mask.to(adv.gate.dtype)
     n = m.sum().clamp_min(1)
     mean = lambda x: float((x * m).sum() / n)  # noqa: E731
     per_group = adv.zero_var.view(-1, group_size)[:, 0]
-    return {"gate_mean": mean(adv.gate), "gate_frac_above_half": mean((adv.gate > 0.5).float()),
-            "progress_signal_abs_mean": mean(adv.signal.abs()), "zero_var_groups": float(per_group.sum()),
-            "num_groups": float(per_group.numel())}
+    out = {"gate_mean": mean(adv.gate), "gate_frac_above_half": mean((adv.gate > 0.5).float()),
+           "progress_signal_abs_mean": mean(adv.signal.abs()), "zero_var_groups": float(per_group.sum()),
+           "num_groups": float(per_group.numel())}
+    outcome = adv.gate * adv.seq_advantage[:, None] * m
+    total = adv.advantages * m
+    out["outcome_share"] = float(outcome.abs().sum() / total.abs().sum().clamp_min(1e-12)) if bool(
+        (total != 0).any()) else 1.0
+    live = (total != 0) & (outcome != 0)
+    out["progress_flip_frac"] = float(((torch.sign(total) != torch.sign(outcome)) & live).float().sum() /
+                                      live.float().sum().clamp_min(1))
+    group = (torch.arange(m.shape[0], device=m.device) // group_size)[:, None].expand_as(m)
+    cell = (group * (int(adv.bucket.max()) + 1) + adv.bucket.long())[m > 0]
+    counts = torch.bincount(cell)
+    counts = counts[counts > 0].to(m.dtype)
+    out["bucket_cell_tokens"] = float(counts.mean()) if counts.numel() else 0.0
+    out["bucket_thin_frac"] = float((counts == 1).sum() / n)  # tokens alone in their cell
+    if old_logprobs is not None:
+        lp, a = old_logprobs * m, adv.advantages * m
+        lp_c, a_c = (lp - (lp.sum() / n)) * m, (a - (a.sum() / n)) * m
+        out["cov_logp_adv"] = float((lp_c * a_c).sum() / n)
+    return out
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -145,7 +173,8 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
     else:
         model, tokenizer, is_preset = load_model(cfg.model, cfg.seed, cfg.dtype, device)
         steps = cfg.warmup_steps if is_preset else 0
-        warmup_losses = warmup(model, tokenizer, source, steps, cfg.warmup_batch, cfg.warmup_lr, cfg.progress)
+        sft_source = WarmupSource(source, cfg.warmup_levels) if cfg.warmup_levels else source
+        warmup_losses = warmup(model, tokenizer, sft_source, steps, cfg.warmup_batch, cfg.warmup_lr, cfg.progress)
         start_step, state = 0, None
     reference = None
     if needs_reference:  # frozen copy of the policy as RL starts
@@ -183,8 +212,9 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
         step_start = time.time()
         # 1. rollout: G samples for each prompt, rows of a group consecutive
         problems = source.batch(step, cfg.prompts_per_step)
+        explore = dict(first_token_top_n=cfg.first_token_top_n) if cfg.first_token_top_n else {}
         rollout = engine.generate(model, [p.prompt for p in problems], cfg.group_size, cfg.temperature,
-                                  cfg.max_new_tokens)
+                                  cfg.max_new_tokens, **explore)
         # 2. reward: verifiable correctness (+ optional format bonus)
         owners = [problems[row // cfg.group_size] for row in range(len(rollout.completions))]
         rewards = torch.tensor([reward(p, text, cfg.format_reward) for p, text in zip(owners, rollout.completions)],
@@ -192,6 +222,9 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
         # 3. old-policy log-probs and entropy, reference log-probs: fused, from hidden states
         old = sequence_stats(model, rollout, cfg.temperature)
         ref = sequence_stats(reference, rollout, cfg.temperature) if reference is not None else None
+        if cfg.lr_warmup_steps:  # a function of the step alone, so a resumed run gets the same schedule
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, step / cfg.lr_warmup_steps)
         # 4. updates: erpo_loss (token advantages inside) -> backward -> guarded optimizer step
         updates = [update(model, optimizer, rollout, rewards, old, ref, cfg, config)
                    for _ in range(cfg.updates_per_batch)]
@@ -202,7 +235,7 @@ def _train(cfg: TrainConfig, device, tqdm) -> dict:
                "accuracy": sum(map(is_correct, owners, rollout.completions)) / len(owners),
                "format": sum(map(is_well_formed, rollout.completions)) / len(owners),
                "entropy": float((old.entropy * mask).sum() / mask.sum().clamp_min(1)),
-               "response_length": float(rollout.lengths.float().mean())}
+               "response_length": float(rollout.lengths.float().mean()), "lr": optimizer.param_groups[0]["lr"]}
         for key in updates[0]:  # the loss's metrics, averaged over the updates (rollout stats win)
             row.setdefault(key, sum(u[key] for u in updates) / len(updates))
         row["skipped"] = sum(u["skipped"] for u in updates)

@@ -1,6 +1,7 @@
 """Task generators and checkers: right answers pass, wrong and malformed ones score 0."""
 import json
 import random
+import re
 
 import pytest
 
@@ -108,7 +109,38 @@ def test_jsonl_source(tmp_path):
         load_jsonl(str(bad))
 
 
-@pytest.mark.parametrize("task", ["arith", "word", "countdown", "mix"])
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_chain_is_a_worked_running_total(level):
+    """2 x level steps, each 'total op digit = new total' and the next step starts from it; totals stay digits
+    0..9; solutions of level 2 and 3 are 20-60 tokens (one token per character, plus EOS)."""
+    rng = random.Random(10 + level)
+    lengths = []
+    for _ in range(300):
+        problem = GENERATORS["chain"](rng, level)
+        expression = problem.prompt[len("Q: "):-len("=?\nA:")]
+        work, answer = problem.solution.strip().split("#")
+        steps = work.split(";")
+        assert len(steps) == 2 * level and answer == problem.answer
+        total = int(re.match(r"\d+", expression).group())
+        rest = expression[len(str(total)):]
+        for step, (op, digit) in zip(steps, re.findall(r"([+-])(\d)", rest)):
+            new = total + int(digit) if op == "+" else total - int(digit)
+            assert step == f"{total}{op}{digit}={new}" and 0 <= new <= 9
+            total = new
+        assert str(total) == problem.answer
+        lengths.append(len(problem.solution) + 1)
+    if level >= 2:
+        assert 20 <= min(lengths) and max(lengths) <= 60, (min(lengths), max(lengths))
+    wrong = problem.solution[:problem.solution.rindex("#") + 1] + str(int(problem.answer) + 1)
+    assert not is_correct(problem, wrong)
+
+
+def test_mix_is_the_three_original_kinds():
+    kinds = {p.kind for p in TaskSource("mix", level=1, seed=0, num_eval=8).batch(0, 300)}
+    assert kinds == {"arith", "word", "countdown"}
+
+
+@pytest.mark.parametrize("task", ["arith", "word", "countdown", "chain", "mix"])
 def test_task_source_is_reproducible_and_held_out(task):
     source = TaskSource(task, level=1, seed=3, num_eval=32)
     assert len(source.eval_problems) == 32
@@ -150,3 +182,21 @@ def test_config_overrides():
 def test_exact_match_fallback(given, ok):
     from erpo_kernels.trainer.tasks import exact_match
     assert exact_match(given, "1/2") is ok
+
+
+def test_warmup_levels_draw_only_those_levels_and_skip_held_out():
+    from erpo_kernels.trainer.tasks import WarmupSource
+
+    source = TaskSource("chain", level=2, seed=1, num_eval=16)
+    warm = WarmupSource(source, [1, 3])
+    batch = warm.batch(0, 200)
+    steps = {p.solution.count("=") for p in batch}
+    assert steps == {2, 6}  # levels 1 and 3: 2 and 6 worked steps, never level 2's 4
+    assert warm.batch(0, 200) == batch and warm.batch(1, 200) != batch
+    held_out = {p.prompt for p in source.eval_problems}
+    source_1 = TaskSource("chain", level=1, seed=1, num_eval=16)
+    warm_1 = WarmupSource(source_1, [1])
+    assert not {p.prompt for p in warm_1.batch(3, 300)} & {p.prompt for p in source_1.eval_problems}
+    assert held_out  # the level-2 source holds problems out too
+    with pytest.raises(ValueError, match="warmup_levels"):
+        TrainConfig(warmup_levels=[4])

@@ -230,3 +230,34 @@ def test_cli_compare_writes_table_and_plots(tmp_path, capsys):
         summary = json.loads((out / algo / "summary.json").read_text())
         assert summary["algo"] == algo and summary["steps"] == 2
     assert main(["--nope=1"]) == 2
+
+
+def test_advantage_metrics_by_hand():
+    """The entropy-dynamics diagnostics on a hand-made batch (one group of 2 rows, 3 tokens)."""
+    from erpo_kernels.advantages import Advantages
+    from erpo_kernels.trainer.train import advantage_metrics
+
+    mask = torch.tensor([[1., 1., 0.], [1., 1., 1.]])
+    adv = Advantages(advantages=torch.tensor([[0.6, -0.2, 9.0], [-0.3, -0.5, 0.0]]),
+                     gate=torch.full((2, 3), 0.5), seq_advantage=torch.tensor([1.0, -1.0]),
+                     bucket=torch.tensor([[0, 1, 0], [0, 0, 1]]), signal=torch.zeros(2, 3),
+                     zero_var=torch.tensor([False, False]))
+    old_logprobs = torch.tensor([[-1.0, -2.0, -7.0], [-3.0, -1.0, -2.0]])
+    m = advantage_metrics(adv, mask, group_size=2, old_logprobs=old_logprobs)
+    assert m["outcome_share"] == pytest.approx(2.5 / 1.6)      # |0.5| x 5 tokens over |A| summed
+    assert m["progress_flip_frac"] == pytest.approx(0.25)      # -0.2 against +0.5; the 0.0 token is not live
+    assert m["bucket_cell_tokens"] == pytest.approx(2.5)       # cells of 3 and 2 tokens
+    assert m["bucket_thin_frac"] == 0.0
+    assert m["cov_logp_adv"] == pytest.approx(0.096)           # by hand: sum of 5 centred products / 5
+    assert m["zero_var_groups"] == 0.0 and m["gate_mean"] == pytest.approx(0.5)
+
+
+def test_lr_warmup_ramps_the_rl_learning_rate(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=3, lr=1e-3, lr_warmup_steps=2, warmup_steps=0,
+                      prompts_per_step=1, group_size=2, micro_batch=4, num_eval=1, pass_k=1, eval_every=0,
+                      ckpt_every=0, max_new_tokens=3, progress=False)
+    train(cfg)
+    lrs = [r["lr"] for r in read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")) if "lr" in r]
+    assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        TrainConfig(lr_warmup_steps=-1)
