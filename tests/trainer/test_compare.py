@@ -13,12 +13,7 @@ from erpo_kernels.trainer.models import build_preset
 from erpo_kernels.trainer.rollout import HFRollout
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/trainer/conftest.py
 
 
 def test_compare_two_seeds_smoke(tmp_path, capsys):

@@ -16,13 +16,7 @@ from erpo_kernels.trainer.rollout import HFRollout, _assemble, encode_prompts, p
 from erpo_kernels.trainer.tasks import TaskSource, reward  # noqa: E402
 from erpo_kernels.trainer.train import guarded_step, loss_config, sequence_stats, train, update  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and train() itself uses TrainConfig.threads=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/trainer/conftest.py
 
 
 # small budgets: every run here takes seconds on one CPU thread
