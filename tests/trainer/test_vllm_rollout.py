@@ -71,9 +71,11 @@ def test_weight_push_reaches_the_engine(engine_and_model):
 
 
 def test_train_with_vllm_rollout(tmp_path):
+    # level-1 arithmetic at temperature 1: short answers that 30 warm-up steps make half right, so the groups have
+    # reward variance within 8 new tokens (the default chain task needs 15)
     cfg = TrainConfig(out_dir=str(tmp_path), rollout="vllm", steps=2, warmup_steps=30, warmup_batch=16,
                       prompts_per_step=4, group_size=4, micro_batch=16, num_eval=8, pass_k=2, eval_every=0,
-                      ckpt_every=0, max_new_tokens=8, progress=False)
+                      ckpt_every=0, max_new_tokens=8, progress=False, task="arith", level=1, temperature=1.0)
     summary = train(cfg)
     rows = [r for r in read_metrics(os.path.join(cfg.out_dir, "metrics.jsonl")) if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2] and summary["skipped_updates"] == 0
