@@ -192,8 +192,6 @@ class _GradAccumulator:
         return self.grad_hidden, grad_weight, grad_bias
 
 
-
-
 class TorchSteps:
     """The per-chunk steps of the chunk loop for one call, in plain torch: the weight in the compute dtype
     (:func:`compute_weight`), two [rows, V] buffers allocated once per call and reused by every chunk (the
